@@ -1,0 +1,66 @@
+"""The `fermine` command. Each pipeline adds its subcommands in flows/commands/<name>.py.
+
+Commands stay thin: they build a stage's config object from options and call the stage
+(or its Prefect flow). User mistakes (missing file, bad artifact, bad option) print one clear
+line and exit 2; they never show a stack trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="fermine",
+    help="Self-mining facial expression recognition: PASM, omni-supervised mining, Progressive "
+    "Teacher, CAF and handcrafted feature losses as resumable Prefect + Ray pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 2."""
+
+
+def _register_commands() -> None:
+    import flows.commands as pkg
+
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"flows.commands.{m.name}")
+        mod.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from storage.artifact import ArtifactError
+    from storage.readers.base import DatasetFormatError
+
+    _register_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except (UserError, ArtifactError, DatasetFormatError, FileNotFoundError, FileExistsError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Ray workers inherit the environment: let them import helpers defined in test modules.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance shared by the tests that need one."""
+    import ray
+
+    from workers.cluster import RayConfig, connect
+
+    connect(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()

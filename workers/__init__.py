@@ -1,0 +1,1 @@
+"""The Ray side: cluster connection and actors that hold a model and process shards."""

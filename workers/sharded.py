@@ -1,0 +1,133 @@
+"""Run a per-shard computation over an artifact on a pool of Ray actors, resumably.
+
+Pattern from Ray's batch-inference examples: each actor builds its model once (the
+``factory``) and then processes whole input shards. Every output shard is written by the actor
+itself, atomically and under the input shard's index, so:
+
+* a rerun after a crash skips shards whose output is already in place;
+* a worker killed mid-shard is restarted by Ray and the shard is redone; a duplicate attempt
+  rewrites the same file, so every row lands exactly once;
+* the driver only ever holds small ShardInfo records, never the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import pyarrow as pa
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from storage.artifact import Artifact, Manifest, ShardedWriter, ShardInfo, join, shard_name
+
+log = logging.getLogger(__name__)
+
+# A processor maps one input shard to (output table, rejects table or None).
+Processor = Callable[[pa.Table], "tuple[pa.Table, pa.Table | None]"]
+ProcessorFactory = Callable[[], Processor]
+
+REJECTS = "rejects"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    num_actors: int = 1
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor; 0 = CPU
+    max_retries: int = 3  # per shard, for application errors; killed workers are restarted by Ray
+
+
+@ray.remote
+class ShardActor:
+    def __init__(self, factory: ProcessorFactory):
+        self.fn = factory()
+
+    def process(self, in_uri: str, index: int, out_uri: str, columns: list[str] | None) -> tuple[ShardInfo, ShardInfo | None, float]:
+        t0 = time.perf_counter()
+        table = Artifact(in_uri).read_shard(index, columns)
+        out, rejects = self.fn(table)
+        name = shard_name(index)
+        rinfo = None
+        if rejects is not None:
+            # Rejects first: the main shard's marker is what says "this shard is done".
+            rinfo = ShardedWriter(join(out_uri, REJECTS)).write_shard(name, rejects)
+        info = ShardedWriter(out_uri).write_shard(name, out)
+        return info, rinfo, time.perf_counter() - t0
+
+
+def run_sharded(
+    in_uri: str,
+    out_uri: str,
+    factory: ProcessorFactory,
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str] | None = None,
+    pool: PoolConfig = PoolConfig(),
+    columns: list[str] | None = None,
+    with_rejects: bool = False,
+    rejects_schema: pa.Schema | None = None,
+    on_shard: Callable[[int, ShardInfo, int], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Process every shard of ``in_uri`` not yet in ``out_uri`` and commit ``out_uri``.
+
+    ``on_shard(index, info, rejected_rows)`` is called on the driver as shards finish (progress).
+    Requires ray to be initialised (see workers.cluster.connect).
+    """
+    src = Artifact(in_uri)
+    writer = ShardedWriter(out_uri)
+    names = [shard_name(i) for i in range(src.num_shards)]
+    done = writer.done()
+    todo = [i for i, n in enumerate(names) if n not in done]
+    if done:
+        log.info("%s: %d of %d shards already done, resuming", stage, len(done), len(names))
+    actor_opts = dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=-1, max_task_retries=3)
+    actors = [ShardActor.options(**actor_opts).remote(factory) for _ in range(max(1, min(pool.num_actors, len(todo) or 1)))]
+    attempts: dict[int, int] = {}
+    inflight: dict[ray.ObjectRef, tuple[int, Any]] = {}
+    idle = list(actors)
+    queue = list(todo)
+    try:
+        while queue or inflight:
+            while queue and idle:
+                i = queue.pop(0)
+                actor = idle.pop()
+                ref = actor.process.remote(in_uri, i, out_uri, columns)
+                inflight[ref] = (i, actor)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            i, actor = inflight.pop(ref)
+            try:
+                info, rinfo, _secs = ray.get(ref)
+            except (RayTaskError, RayActorError) as e:
+                attempts[i] = attempts.get(i, 0) + 1
+                if attempts[i] > pool.max_retries:
+                    raise RuntimeError(f"{stage}: shard {i} of {in_uri} failed {attempts[i]} times: {e}") from e
+                log.warning("%s: shard %d failed (attempt %d), retrying: %s", stage, i, attempts[i], e)
+                queue.append(i)
+                if isinstance(e, RayActorError):
+                    actor = ShardActor.options(**actor_opts).remote(factory)
+                idle.append(actor)
+                continue
+            idle.append(actor)
+            if on_shard is not None:
+                on_shard(i, info, rinfo.rows if rinfo else 0)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    rejected = 0
+    if with_rejects:
+        rw = ShardedWriter(join(out_uri, REJECTS))
+        rdone = rw.done()
+        for n in names:  # shards finished before rejects were tracked, or with none: write empty
+            if n not in rdone:
+                rw.write_shard(n, (rejects_schema or pa.schema([("id", pa.string()), ("reason", pa.string())])).empty_table())
+        rejected = rw.commit(f"{stage}.rejects", config, inputs, names).rows
+    ex = dict(extra or {})
+    if with_rejects:
+        ex["rejects"] = rejected
+    return writer.commit(stage, config, inputs, names, ex)
