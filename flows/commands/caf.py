@@ -1,0 +1,135 @@
+"""`fermine caf`: valence/arousal regression with the Contrastive Adversarial Framework.
+
+Trains CAF (or the critic-free baseline) on an image table with valence/arousal, evaluates it on a
+test table and prints the paper's Table 1 columns; ``--compare`` trains both and prints them side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+
+_METRIC_HEADERS = ("RMSE (V)", "RMSE (A)", "SAGR (V)", "SAGR (A)", "PCC (V)", "PCC (A)", "CCC (V)", "CCC (A)")
+
+
+def _splits(text: str) -> tuple[str, ...] | None:
+    """'train,val' -> ('train', 'val'); 'all' -> None (every row)."""
+    parts = tuple(s.strip() for s in text.split(",") if s.strip())
+    return None if parts in ((), ("all",)) else parts
+
+
+def results_table(rows: dict[str, dict[str, Any]], title: str):
+    """A rich Table in the layout of the paper's Table 1 (best value of each column in bold)."""
+    import math
+
+    from rich.table import Table
+
+    from tasks.va_metrics import VA_METRICS
+
+    table = Table(title=title)
+    table.add_column("Method")
+    for h in _METRIC_HEADERS:
+        table.add_column(h, justify="right")
+    table.add_column("n", justify="right")
+    best: dict[str, float] = {}
+    for k in VA_METRICS:
+        vals = [r[k] for r in rows.values() if isinstance(r.get(k), float) and math.isfinite(r[k])]
+        if len(vals) > 1:
+            best[k] = min(vals) if k.startswith("rmse") else max(vals)
+    for name, r in rows.items():
+        cells = []
+        for k in VA_METRICS:
+            v = r.get(k)
+            s = "nan" if v is None or not math.isfinite(v) else f"{v:.4f}"
+            cells.append(f"[bold]{s}[/]" if k in best and v == best[k] else s)
+        table.add_row(name, *cells, str(r.get("n", "")))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("caf")
+    def caf(
+        train_table: str = typer.Argument(..., help="Image table with valence/arousal (e.g. from `fermine ingest "
+                                          "synthetic|affectnet|afewva ...`)."),
+        out: str = typer.Argument(..., help="Output folder: checkpoint (model.pt/model.json), metrics.json, "
+                                  "scatter.png; with --compare OUT/baseline, OUT/caf and OUT/results.json."),
+        test: Optional[str] = typer.Option(None, "--test", help="Table to evaluate on (default: TRAIN_TABLE)."),
+        test_splits: str = typer.Option("test", "--test-splits", help="Comma-separated splits of the test table, "
+                                        "or 'all'."),
+        train_splits: str = typer.Option("train", "--train-splits", help="Comma-separated splits to train on."),
+        compare: bool = typer.Option(False, "--compare", help="Train the baseline (no critic) and CAF with the "
+                                     "same settings and print both (paper Table 1/4)."),
+        no_critic: bool = typer.Option(False, "--no-critic", help="Train the baseline regressor only."),
+        margin: str = typer.Option("adaptive", "--margin", help="Critic margin: adaptive (MI + Delta), constant "
+                                   "(MI + kappa), linear (MI + 0.1 + 5e-3 epoch): Table 4's ablation."),
+        arch: str = typer.Option("small_cnn", "--arch", help="Encoder: small_cnn, resnet18, resnet34, resnet50, vgg16."),
+        size: int = typer.Option(64, "--size", min=16, help="Input size in pixels."),
+        epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training rows."),
+        iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Total updates (overrides "
+                                                 "--epochs; the paper uses 50000)."),
+        batch_size: int = typer.Option(128, "--batch-size", min=4),
+        lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (paper: 1e-4)."),
+        lr_step: int = typer.Option(10_000, "--lr-step", min=1, help="Iterations between lr decays."),
+        lr_gamma: float = typer.Option(0.8, "--lr-gamma", help="lr decay factor."),
+        adv_weight: float = typer.Option(1.0, "--adv-weight", help="Weight of the encoder's adversarial loss."),
+        kappa: float = typer.Option(0.2, "--kappa", help="Margin term of --margin constant."),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local encoder weights (file or "
+                                                 "checkpoint folder)."),
+    ) -> None:
+        """Valence/arousal regression with the Contrastive Adversarial Framework (CAF)."""
+        from rich.console import Console
+
+        from flows.cli import UserError
+        from flows.progress import progress_bar
+        from tasks.caf import CAFConfig, compare_caf, evaluate_va, train_caf
+        from tasks.checkpoint import atomic_write_bytes, dumps_json
+
+        if compare and no_critic:
+            raise UserError("--compare already trains the baseline; drop --no-critic")
+        tr_splits = _splits(train_splits)
+        if tr_splits is None:
+            raise UserError("--train-splits must name splits (e.g. train)")
+        te_splits = _splits(test_splits)
+        try:
+            cfg = CAFConfig(arch=arch, input_size=size, epochs=epochs, iterations=iterations, batch_size=batch_size,
+                            lr=lr, lr_step=lr_step, lr_gamma=lr_gamma, critic=not no_critic, margin=margin,
+                            kappa=kappa, adv_weight=adv_weight, train_splits=tr_splits,
+                            eval_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        test_uri = test or train_table
+        console = Console()
+        try:
+            if compare:
+                with progress_bar("caf --compare", None) as bar:
+                    def cb(name: str, d: dict[str, Any]) -> None:
+                        bar.update(0, total=d["total"], completed=d["iteration"],
+                                   info=f"{name} ep {d['epoch']}/{d['epochs']} L_AV {d['loss_av']:.3f}")
+
+                    res = compare_caf(cfg, train_table, out, test_uri, te_splits, progress=cb)
+                rows = res["rows"]
+            else:
+                name = "CAF" if cfg.critic else "baseline"
+                with progress_bar(f"{name} {arch}", None) as bar:
+                    def cb1(d: dict[str, Any]) -> None:
+                        bar.update(0, total=d["total"], completed=d["iteration"],
+                                   info=f"ep {d['epoch']}/{d['epochs']} L_AV {d['loss_av']:.3f}")
+
+                    result = train_caf(cfg, train_table, out, progress=cb1)
+                m = evaluate_va(out, test_uri, te_splits, device=device, scatter_png=out.rstrip("/") + "/scatter.png")
+                rows = {name: m}
+                atomic_write_bytes(out.rstrip("/") + "/test_metrics.json",
+                                   dumps_json({"test_uri": test_uri, "splits": te_splits, **m}).encode())
+                if any(result.skipped.values()):
+                    console.print(f"training rows skipped: {result.skipped}")
+        except (ValueError, FloatingPointError) as e:  # no V/A, bad split or arch, config clash on resume, divergence
+            raise UserError(str(e)) from None
+        where = f"{test_uri} [{','.join(te_splits) if te_splits else 'all rows'}]"
+        console.print(results_table(rows, f"valence/arousal on {where}"))
+        skipped = next(iter(rows.values())).get("skipped") or {}
+        if any(skipped.values()):
+            console.print(f"test rows skipped: {skipped}")
+        console.print(f"checkpoints and scatter plots under [bold]{out}[/]")

@@ -1,0 +1,325 @@
+"""`fermine ingest`: a public data set on disk -> image table; `fermine inspect`: look at any artifact."""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import json
+import os
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import typer
+
+GRID_PER_CLASS = 8
+UNLABELED = "unlabeled"
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings -> options; true/false, none, integers and numbers are converted."""
+    from flows.cli import UserError
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--option expects key=value, got {pair!r}")
+        out[key] = _coerce(value.strip())
+    return out
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(value)
+        except ValueError:
+            pass
+    return value
+
+
+def reader_options(reader: Callable[..., Any]) -> dict[str, Any] | None:
+    """The keyword options a reader takes (name -> default), or None if it takes any (**options)."""
+    params = list(_inspect.signature(reader).parameters.values())[1:]  # the first is ROOT
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def check_options(fmt: str, reader: Callable[..., Any], options: dict[str, Any]) -> None:
+    from flows.cli import UserError
+
+    known = reader_options(reader)
+    if known is None:
+        return
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
+        raise UserError(f"format {fmt} has no option {', '.join(unknown)}; its options: {valid}")
+
+
+def label_histogram(uri: str) -> dict[str, Counter] | None:
+    """split -> Counter(class name or 'unlabeled'), streamed from the label/split columns only."""
+    import pyarrow as pa
+
+    from storage.artifact import Artifact
+    from storage.schema import CLASSES
+
+    art = Artifact(uri)
+    names = art.schema.names
+    if "label" not in names:
+        return None
+    cols = ["label"] + (["split"] if "split" in names else [])
+    hist: dict[str, Counter] = {}
+    for batch in art.iter_batches(columns=cols, batch_size=65536):
+        split = batch.column("split") if "split" in cols else pa.array([""] * batch.num_rows)
+        t = pa.table({"split": split, "label": batch.column("label")})
+        for r in t.group_by(["split", "label"]).aggregate([([], "count_all")]).to_pylist():
+            lab = r["label"]
+            name = UNLABELED if lab is None else (CLASSES[lab] if 0 <= lab < len(CLASSES) else str(lab))
+            hist.setdefault(r["split"] or "", Counter())[name] += r["count_all"]
+    return hist
+
+
+def rejects_summary(uri: str, top: int = 10) -> tuple[int, list[tuple[str, int, str]]] | None:
+    """(count, [(reason kind, count, example 'id: reason')]) of ``<uri>/rejects``; None if absent."""
+    from storage.artifact import Artifact, is_finished
+    from storage.ingest import rejects_uri
+
+    ruri = rejects_uri(uri)
+    if not is_finished(ruri):
+        return None
+    art = Artifact(ruri)
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for batch in art.iter_batches(columns=["id", "reason"], batch_size=65536):
+        for rid, reason in zip(batch.column("id").to_pylist(), batch.column("reason").to_pylist()):
+            kind = reason.split(":", 1)[0]
+            kinds[kind] += 1
+            example.setdefault(kind, f"{rid}: {reason}")
+    return len(art), [(k, c, example[k]) for k, c in kinds.most_common(top)]
+
+
+def sample_grid(uri: str, path: str, n: int = GRID_PER_CLASS) -> str | None:
+    """A PNG with up to ``n`` images per class (one row per class); None if there is no image column.
+
+    A first pass reads only the label column to find which shards hold which classes, so a large
+    artifact is not decoded beyond the shards that supply the samples.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from storage.artifact import Artifact
+    from storage.images import ImageDecodeError, decode
+    from storage.schema import CLASSES
+    from tasks.figures import image_grid
+
+    art = Artifact(uri)
+    names = art.schema.names
+    if "image" not in names:
+        return None
+    has_label = "label" in names
+
+    def key_of(lab: int | None) -> str:
+        return UNLABELED if lab is None or lab < 0 else (CLASSES[lab] if lab < len(CLASSES) else str(lab))
+
+    wanted: dict[str, int] = {}
+    shards = list(range(art.num_shards))
+    if has_label:
+        per_shard = []
+        for i in shards:
+            labels = pc.fill_null(pc.cast(art.read_shard(i, ["label"]).column("label"), "int16"), -1)
+            counts = {key_of(r["values"]): r["counts"] for r in pc.value_counts(labels).to_pylist()}
+            per_shard.append(counts)
+            for k in counts:
+                wanted[k] = n
+        need, shards = dict(wanted), []
+        for i, counts in enumerate(per_shard):  # the fewest leading shards that supply n of each class
+            if any(need[k] > 0 for k in counts):
+                shards.append(i)
+                for k, c in counts.items():
+                    need[k] -= c
+    rows: dict[str, list[np.ndarray]] = {}
+    titles: dict[str, list[str]] = {}
+    cols = ["id", "image"] + (["label"] if has_label else [])
+
+    def full() -> bool:
+        if not has_label:
+            return len(rows.get("samples", [])) >= n
+        return bool(rows) and all(len(rows.get(k, [])) >= n for k in wanted)
+
+    for batch in art.iter_batches(columns=cols, batch_size=256, shards=shards):
+        ids, images = batch.column("id").to_pylist(), batch.column("image").to_pylist()
+        labels = batch.column("label").to_pylist() if has_label else [None] * len(ids)
+        for rid, data, lab in zip(ids, images, labels):
+            key = "samples" if not has_label else key_of(lab)
+            if len(rows.get(key, [])) >= n:
+                continue
+            try:
+                img = decode(data)
+            except ImageDecodeError:
+                continue
+            rows.setdefault(key, []).append(img)
+            titles.setdefault(key, []).append(rid.rsplit("/", 1)[-1][:14])
+        if full():
+            break
+    if not rows:
+        return None
+    order = [k for k in (*CLASSES, UNLABELED, "samples") if k in rows]
+    image_grid([rows[k] for k in order], path, row_titles=order, cell_titles=[titles[k] for k in order],
+               title=f"{os.path.basename(uri.rstrip('/'))}: {len(art)} rows")
+    return path
+
+
+def print_histogram(console, hist: dict[str, Counter]) -> None:
+    from rich.table import Table
+
+    from storage.schema import CLASSES
+
+    cols = [c for c in (*CLASSES, UNLABELED) if any(h.get(c) for h in hist.values())]
+    extra = sorted({k for h in hist.values() for k in h} - set(cols) - set(CLASSES))
+    table = Table(title="rows per split and class")
+    table.add_column("split")
+    for c in cols + extra:
+        table.add_column(c, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    for split in sorted(hist):
+        h = hist[split]
+        table.add_row(split or "-", *[str(h.get(c, 0)) for c in cols + extra], str(sum(h.values())))
+    if len(hist) > 1:
+        tot: Counter = sum(hist.values(), Counter())
+        table.add_row("all", *[str(tot.get(c, 0)) for c in cols + extra], str(sum(tot.values())), style="bold")
+    console.print(table)
+
+
+def print_rejects(console, summary: tuple[int, list[tuple[str, int, str]]] | None) -> None:
+    from rich.table import Table
+
+    if summary is None:
+        return
+    count, top = summary
+    if not count:
+        console.print("rejects: 0")
+        return
+    table = Table(title=f"rejects: {count}")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_column("example", overflow="fold")
+    for kind, c, ex in top:
+        table.add_row(kind, str(c), ex)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ingest")
+    def ingest(
+        fmt: str = typer.Argument(..., metavar="FORMAT", help="Data set format: rafdb, fer2013, ferplus, affectnet, "
+                                  "ckplus, jaffe, afewva, folder, ms1m, synthetic (see `fermine ingest --help`)."),
+        root: str = typer.Argument(..., help="The data set's folder (or csv/.rec file), laid out as its publisher ships it."),
+        out: str = typer.Argument(..., help="Where to write the image table (an fsspec URI; rejects go to OUT/rejects)."),
+        rows_per_shard: int = typer.Option(1024, "--rows-per-shard", min=1, help="Rows per Parquet shard."),
+        option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
+                                         help="Reader option, repeatable (e.g. -o aligned=false, -o limit=1000)."),
+    ) -> None:
+        """Read a public FER data set into an image table, with its rejects (entries that could not be used)."""
+        import time
+
+        from rich.console import Console
+
+        from flows.cli import UserError
+        from flows.progress import progress_bar
+        from storage.ingest import write_image_table
+        from storage.readers import get_reader
+        from storage.readers.base import Reject
+
+        try:
+            reader = get_reader(fmt)
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
+        options = parse_options(option)
+        check_options(fmt, reader, options)
+        try:
+            records = reader(root, **options)  # readers check the layout here, before OUT is created
+        except TypeError as e:
+            raise UserError(f"bad options for {fmt}: {e}") from None
+        except ValueError as e:  # DatasetFormatError is one too; the message says what to fix
+            raise UserError(str(e)) from None
+        local_root = os.path.abspath(root) if os.path.exists(root) else root
+        config = {"format": fmt, "root": local_root, "options": options}
+        counts = {"rows": 0, "rejects": 0}
+        t0 = time.perf_counter()
+        with progress_bar(f"ingest {fmt}", None) as bar:
+
+            def on_record(rec) -> None:
+                counts["rejects" if isinstance(rec, Reject) else "rows"] += 1
+                bar.update(0, advance=1, info=f"{counts['rows']} rows, {counts['rejects']} rejects")
+
+            try:
+                manifest = write_image_table(records, out, stage="ingest", config=config,
+                                             rows_per_shard=rows_per_shard, on_record=on_record)
+            except ValueError as e:
+                raise UserError(f"{fmt} at {root}: {e}") from None
+        secs = time.perf_counter() - t0
+        console = Console()
+        console.print(f"[bold]{out}[/]: {manifest.rows} rows in {len(manifest.shards)} shard(s), "
+                      f"{manifest.extra.get('rejects', 0)} rejects, {secs:.1f}s; digest {manifest.digest[:16]}")
+        hist = label_histogram(out)
+        if hist:
+            print_histogram(console, hist)
+        print_rejects(console, rejects_summary(out))
+
+    @app.command("inspect")
+    def inspect(
+        artifact: str = typer.Argument(..., help="An artifact folder (any fsspec URI)."),
+        grid: Optional[str] = typer.Option(None, "--grid", help="Write a PNG grid of samples, one row per class, "
+                                           "here (default: ./<artifact name>-samples.png)."),
+        no_grid: bool = typer.Option(False, "--no-grid", help="Do not write the sample grid."),
+        n: int = typer.Option(GRID_PER_CLASS, "--n", min=1, max=64, help="Samples per class in the grid."),
+    ) -> None:
+        """Show an artifact's manifest, rows per split and class, rejects, and save a grid of sample images."""
+        import datetime
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from storage.artifact import Artifact
+
+        art = Artifact(artifact)
+        m = art.manifest
+        console = Console()
+        table = Table(title=art.uri, show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        table.add_row("stage", m.stage)
+        table.add_row("rows", str(m.rows))
+        table.add_row("shards", f"{len(m.shards)} (rows per shard: {', '.join(str(s.rows) for s in m.shards[:5])}"
+                      f"{', ...' if len(m.shards) > 5 else ''})")
+        table.add_row("digest", m.digest)
+        table.add_row("schema", f"v{m.schema_version}: " + ", ".join(f"{f.name} {f.type}" for f in art.schema))
+        if m.created:
+            table.add_row("created", datetime.datetime.fromtimestamp(m.created).isoformat(timespec="seconds"))
+        table.add_row("inputs", "\n".join(f"{k}: {v}" for k, v in m.inputs.items()) or "-")
+        table.add_row("config", json.dumps(m.config, sort_keys=True, default=str))
+        if m.extra:
+            table.add_row("extra", json.dumps(m.extra, sort_keys=True, default=str))
+        console.print(table)
+        hist = label_histogram(artifact)
+        if hist:
+            print_histogram(console, hist)
+        print_rejects(console, rejects_summary(artifact))
+        if no_grid:
+            return
+        path = grid or f"{os.path.basename(artifact.rstrip('/')) or 'artifact'}-samples.png"
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            from flows.cli import UserError
+
+            raise UserError(f"cannot write the grid to {path}: folder {parent} does not exist")
+        written = sample_grid(artifact, path, n)
+        console.print(f"sample grid: {written}" if written else "no image column: no sample grid written")

@@ -1,0 +1,134 @@
+"""`fermine run`, `fermine demo`, `fermine status`, `fermine report`, `fermine config`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import List, Optional
+
+import typer
+
+from flows.cli import UserError
+
+
+def _run_flow(cfg, quiet_prefect: bool = True) -> dict:
+    from flows.round import FLOWS
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if quiet_prefect:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    flow = FLOWS[cfg.pipeline]
+    return flow(cfg=cfg)
+
+
+def _print_summary(summary: dict, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    recs = summary.get("results", [])
+    if recs:
+        t = Table(title=f"{summary.get('name')}: results")
+        for k in recs[0]:
+            t.add_column(k, justify="left" if k == "model" else "right")
+        for r in recs:
+            t.add_row(*["" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r.values()])
+        con.print(t)
+    con.print(f"run folder: {summary.get('run')}  ({seconds / 60:.1f} min)")
+    if summary.get("report"):
+        con.print(f"report: [bold]{summary['report']}[/bold]")
+
+
+def _load(config: Optional[str], sets: List[str]):
+    from flows.config import ConfigError, load_config
+
+    try:
+        return load_config(config, sets)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        config: str = typer.Argument(..., help="experiment config (YAML); see flows/configs/ and `fermine config`"),
+        set_: List[str] = typer.Option([], "--set", help="override a setting: --set teacher.epochs=5 (repeatable)"),
+    ) -> None:
+        """Run a pipeline from an experiment config; a rerun reuses every finished stage."""
+        cfg = _load(config, set_)
+        t0 = time.time()
+        summary = _run_flow(cfg)
+        _print_summary(summary, time.time() - t0)
+
+    @app.command()
+    def demo(
+        out: str = typer.Option("runs/demo", help="run folder"),
+        set_: List[str] = typer.Option([], "--set", help="override a setting of the demo config"),
+    ) -> None:
+        """The full round on the embedded synthetic data set, on this machine (CPU is fine)."""
+        from flows.config import packaged_config
+
+        cfg = _load(str(packaged_config("demo")), [f"out={out}", *set_])
+        t0 = time.time()
+        summary = _run_flow(cfg)
+        _print_summary(summary, time.time() - t0)
+
+    @app.command()
+    def status(run: str = typer.Argument(..., help="run folder (the config's `out`)")) -> None:
+        """Each stage's state, duration and output folder."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from flows.stage import Run, fs_size
+
+        r = Run(run)
+        rows = r.status()
+        if not rows:
+            raise UserError(f"{run} has no recorded stages; is it a run folder (the config's `out`)?")
+        t = Table(title=f"run {run}")
+        for col in ("stage", "state", "seconds", "size", "output"):
+            t.add_column(col)
+        for row in rows:
+            secs = row.get("seconds")
+            t.add_row(row["stage"], row["state"], "" if secs is None else f"{secs:.1f}",
+                      f"{fs_size(row['uri']) / 1e6:.1f} MB", row["uri"].rsplit("/", 1)[-1])
+        Console().print(t)
+
+    @app.command()
+    def report(run: str = typer.Argument(..., help="run folder"), out: Optional[str] = typer.Option(None, help="HTML path")) -> None:
+        """Write the run's self-contained HTML report and print its path."""
+        from flows.report import build_report
+
+        typer.echo(build_report(run, out))
+
+    @app.command("config")
+    def config_cmd(
+        config: Optional[str] = typer.Argument(None, help="config to validate and print resolved"),
+        defaults: bool = typer.Option(False, "--defaults", help="print every stage's settings with defaults"),
+    ) -> None:
+        """Validate a config and print it with every default filled in."""
+        import dataclasses
+
+        import yaml
+
+        from flows import steps
+
+        cfg = _load(config, [])
+        try:
+            resolved = {
+                "run": cfg.model_dump(mode="json", exclude={"align", "teacher", "attack", "pasm", "mine", "distill", "retrain"}),
+                "align": steps.align_config(cfg.align),
+                "teacher": steps.train_config(cfg.teacher, cfg.seed, "teacher"),
+                "retrain": steps.train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain"),
+                "attack": steps.attack_config(cfg.attack, cfg.seed),
+                "pasm": steps.pasm_config(cfg.pasm),
+                "mine": steps.mine_config(cfg.mine),
+            }
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        out = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in resolved.items()}
+        if not defaults and config is None:
+            typer.echo("pass a config file to validate it, or --defaults to print every default")
+        typer.echo(yaml.safe_dump(json.loads(json.dumps(out, default=list)), sort_keys=False))
+

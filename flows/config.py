@@ -1,0 +1,137 @@
+"""The experiment config: one YAML file drives a run, validated before anything starts.
+
+Each section holds overrides of one stage's config dataclass; the dataclasses own the
+defaults (and their docs), so there is one source of truth. ``fermine config --defaults``
+prints every section with every default filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the key and what is allowed."""
+
+
+class DataSource(BaseModel):
+    """Where a data set comes from: the synthetic generator or a public data set on disk."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str = "synthetic"  # a reader name: synthetic, rafdb, fer2013, ferplus, affectnet, ckplus, jaffe, folder, ms1m
+    root: str = ""  # data set folder (ignored for synthetic)
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options, e.g. {size: 64, seed: 0}
+    rows_per_shard: int = 512
+
+
+class RaySection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = None  # None: a local Ray instance; "auto" or "ray://head:10001" for a cluster
+    num_cpus: int | None = None  # local instance only
+    workers: int = 2  # actors per Ray stage
+    gpus_per_worker: float = 0.0  # 0 = CPU actors; 1 on a GPU cluster
+    cpus_per_worker: float = 1.0
+
+
+class RunConfig(BaseModel):
+    """A full round: ingest -> align -> teacher -> PASM rounds -> mine -> distill -> retrain -> evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "round"
+    out: str = "runs/round"  # run folder (any fsspec URI); stage outputs live under it
+    seed: int = 0
+    pipeline: Literal["round", "pasm", "omni"] = "round"
+    ray: RaySection = Field(default_factory=RaySection)
+    labeled: DataSource = Field(default_factory=DataSource)  # train + test splits
+    pool: DataSource | None = None  # unlabeled pool for mining; None = the labeled source's "pool" split
+    cross: list[DataSource] = Field(default_factory=list)  # cross-data-set test sets
+    test_split: str = "test"
+    # Per-stage overrides of the stage config dataclasses (see `fermine config --defaults`).
+    align: dict[str, Any] = Field(default_factory=dict)
+    teacher: dict[str, Any] = Field(default_factory=dict)
+    attack: dict[str, Any] = Field(default_factory=dict)
+    pasm: dict[str, Any] = Field(default_factory=dict)
+    mine: dict[str, Any] = Field(default_factory=dict)
+    distill: dict[str, Any] = Field(default_factory=dict)
+    retrain: dict[str, Any] = Field(default_factory=dict)  # overrides of teacher settings for VAS/DAS
+    report: bool = True
+
+
+def build_dataclass(cls: type, overrides: dict[str, Any], section: str) -> Any:
+    """Validate ``overrides`` against a config dataclass: unknown keys and bad types are errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown setting(s) {unknown}; valid: {sorted(names)}")
+    try:
+        return TypeAdapter(cls).validate_python({**_defaults(cls), **overrides})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{section}.{loc}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def _coerce(value: str) -> Any:
+    """``--set`` values are YAML scalars: 3, 0.1, true, null, [a, b]."""
+    return yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (dotted keys for sections), got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = _coerce(value)
+    return data
+
+
+def load_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must be a mapping of settings, got {type(data).__name__}")
+    data = apply_overrides(data, sets or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise ConfigError(f"invalid config: {msgs}") from None
+
+
+def packaged_config(name: str) -> Path:
+    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not p.exists():
+        raise ConfigError(f"no packaged config {name!r}")
+    return p
+
+
+__all__ = ["ConfigError", "DataSource", "RunConfig", "apply_overrides", "build_dataclass", "load_config",
+           "packaged_config"]

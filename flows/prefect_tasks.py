@@ -1,0 +1,41 @@
+"""Prefect task wrappers: every stage runs through ``Run.stage`` inside one Prefect task.
+
+Prefect sees tasks, states, retries and durations; resume rests on our stage records, not on
+Prefect's pickled results (SPEC.md, Artifacts), so Prefect caching and result persistence are
+off and a task returns only the small StageRecord.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from flows.stage import Run, StageRecord
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def _stage_task(run_root: str, name: str, config: Any, inputs: Mapping[str, str], fn: Callable[[str], Any]) -> StageRecord:
+    return Run(run_root).stage(name, config, inputs, fn)
+
+
+def stage(
+    run: Run,
+    name: str,
+    config: Any,
+    inputs: Mapping[str, str],
+    fn: Callable[[str], Any],
+    *,
+    ray: bool = False,
+    retries: int = 2,
+) -> StageRecord:
+    """Run one stage as a Prefect task; stages that talk to Ray retry with backoff.
+
+    A retry lands in the same output folder, so work finished by the failed attempt is kept.
+    """
+    opts: dict[str, Any] = {"name": name, "task_run_name": name}
+    if ray:
+        opts.update(retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
+    return _stage_task.with_options(**opts)(run.root, name, config, inputs, fn)

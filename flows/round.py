@@ -1,0 +1,187 @@
+"""The full round as one Prefect flow, plus the PASM-only and omni-only flows built from it.
+
+ingest -> align -> teacher -> (attack -> erase -> student) x N [+ random-erasing ablation]
+       -> centroids -> mine -> distill -> retrain (VAS, DAS) -> evaluate (inner + cross)
+
+Every box is a stage (flows.prefect_tasks.stage): its output folder is named by its identity,
+so rerunning the flow after a failure or a kill redoes only the unfinished stages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows import steps
+from flows.config import RunConfig, load_config
+from flows.prefect_tasks import stage
+from flows.results import ResultsTable, publish_results
+from flows.stage import Run
+from storage.artifact import join
+
+log = logging.getLogger("fermine.round")
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a flow run (direct call in tests)
+        return log
+
+
+class Round:
+    """The stages of a round, each a method; flows pick which to chain."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run = Run(cfg.out)
+        with fsspec.open(join(self.run.root, "config.json"), "w") as f:
+            f.write(cfg.model_dump_json(indent=2))  # the report and `fermine status` read it back
+        self.results = ResultsTable()
+        self.uris: dict[str, str] = {}
+        self.figures: dict[str, str] = {}
+        self.teacher_cfg = steps.train_config(cfg.teacher, cfg.seed, "teacher")
+        self.retrain_cfg = steps.train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain")
+
+    # ---- data -------------------------------------------------------------------------------
+    def data(self) -> None:
+        c = self.cfg
+        labeled = stage(self.run, "ingest", c.labeled, {}, steps.ingest(c.labeled))
+        align_cfg = steps.align_config(c.align)
+        aligned = stage(self.run, "align", align_cfg, {"images": labeled.uri},
+                        steps.align(align_cfg, labeled.uri, c.ray), ray=True)
+        self.uris["labeled"] = aligned.uri
+        self.uris["pool"] = aligned.uri
+        if c.pool is not None:
+            pool = stage(self.run, "ingest-pool", c.pool, {}, steps.ingest(c.pool))
+            self.uris["pool"] = stage(self.run, "align-pool", align_cfg, {"images": pool.uri},
+                                      steps.align(align_cfg, pool.uri, c.ray), ray=True).uri
+        for i, src in enumerate(c.cross):
+            raw = stage(self.run, f"ingest-cross{i}", src, {}, steps.ingest(src))
+            self.uris[f"cross{i}"] = stage(self.run, f"align-cross{i}", align_cfg, {"images": raw.uri},
+                                           steps.align(align_cfg, raw.uri, c.ray), ray=True).uri
+
+    def test_sets(self) -> dict[str, tuple[str, tuple[str, ...] | None]]:
+        sets = {"inner": (self.uris["labeled"], (self.cfg.test_split,))}
+        for i in range(len(self.cfg.cross)):
+            sets[f"cross{i}"] = (self.uris[f"cross{i}"], None)
+        return sets
+
+    def evaluate(self, name: str, checkpoint_uri: str) -> dict[str, Any]:
+        sets = self.test_sets()
+        rec = stage(self.run, f"evaluate-{name}", {"sets": {k: [v[0].rsplit('/', 1)[-1], v[1]] for k, v in sets.items()}},
+                    {"model": checkpoint_uri, **{k: v[0] for k, v in sets.items()}},
+                    steps.evaluate(checkpoint_uri, sets))
+        metrics = steps.read_json(rec.uri, "metrics.json")
+        self.results.add(name, metrics)
+        _logger().info("%s: %s", name, self.results.summary(name))
+        return metrics
+
+    # ---- teacher and PASM -------------------------------------------------------------------
+    def teacher(self) -> str:
+        rec = stage(self.run, "teacher", self.teacher_cfg, {"train": self.uris["labeled"]},
+                    steps.train(self.teacher_cfg, [self.uris["labeled"]]))
+        self.uris["teacher"] = rec.uri
+        self.evaluate("teacher", rec.uri)
+        return rec.uri
+
+    def pasm(self) -> None:
+        c = self.cfg
+        pasm_cfg = steps.pasm_config(c.pasm)
+        attack_cfg = steps.attack_config(c.attack, c.seed)
+        teacher = self.uris["teacher"]
+        figure_rows: list[dict[str, str]] = []
+        for r in range(1, pasm_cfg.rounds + 1):
+            att = stage(self.run, f"attack-r{r}", attack_cfg, {"teacher": teacher, "images": self.uris["labeled"]},
+                        steps.attack(attack_cfg, teacher, self.uris["labeled"], c.ray), ray=True)
+            erase_cfg = steps.erase_config(pasm_cfg, random_position=False, seed=c.seed + r)
+            er = stage(self.run, f"erase-r{r}", erase_cfg, {"images": self.uris["labeled"], "positions": att.uri},
+                       steps.erase(erase_cfg, self.uris["labeled"], att.uri))
+            student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + r)
+            st = stage(self.run, f"student-r{r}", {"train": student_cfg, "pasm": pasm_cfg},
+                       {"erased": er.uri, "teacher": teacher, "images": self.uris["labeled"]},
+                       steps.student(student_cfg, pasm_cfg, er.uri, self.uris["labeled"], teacher))
+            self.evaluate(f"pasm-r{r}", st.uri)
+            figure_rows.append({"round": str(r), "erased": er.uri, "positions": att.uri})
+            teacher = st.uri
+        self.uris["pasm"] = teacher
+        if pasm_cfg.random_erasing_ablation:
+            rnd_cfg = steps.erase_config(pasm_cfg, random_position=True, seed=c.seed)
+            er = stage(self.run, "erase-random", rnd_cfg, {"images": self.uris["labeled"]},
+                       steps.erase_random(rnd_cfg, self.uris["labeled"]))
+            student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + 1)
+            st = stage(self.run, "student-random", {"train": student_cfg, "pasm": pasm_cfg},
+                       {"erased": er.uri, "teacher": self.uris["teacher"], "images": self.uris["labeled"]},
+                       steps.student(student_cfg, pasm_cfg, er.uri, self.uris["labeled"], self.uris["teacher"]))
+            self.evaluate("random-erasing", st.uri)
+        fig = stage(self.run, "figure-pasm", {"rows": len(figure_rows)},
+                    {f"r{i}": row["erased"] for i, row in enumerate(figure_rows)},
+                    steps.pasm_figure(figure_rows, self.uris["labeled"]))
+        self.figures["pasm"] = steps.first_png(fig.uri)
+
+    # ---- omni-supervised mining and distillation ----------------------------------------------
+    def omni(self) -> None:
+        c = self.cfg
+        primitive = self.uris["teacher"]
+        cent_cfg = steps.centroid_config({"splits": list(self.teacher_cfg.train_splits)})
+        cent = stage(self.run, "centroids", cent_cfg, {"model": primitive, "labeled": self.uris["labeled"]},
+                     steps.centroids(cent_cfg, primitive, self.uris["labeled"]))
+        mine_cfg = steps.mine_config(c.mine)
+        aux = stage(self.run, "mine", mine_cfg, {"model": primitive, "centroids": cent.uri, "pool": self.uris["pool"]},
+                    steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray), ray=True)
+        self.figures["mined"] = steps.first_png(aux.uri)
+        dist_cfg = steps.distill_config(c.distill, c.seed, self.teacher_cfg)
+        dis = stage(self.run, "distill", dist_cfg, {"aux": aux.uri}, steps.distill(dist_cfg, aux.uri))
+        self.figures["distilled"] = steps.first_png(dis.uri)
+        for name, extra in (("vas", aux.uri), ("das", dis.uri)):
+            rt = stage(self.run, f"retrain-{name}", self.retrain_cfg, {"labeled": self.uris["labeled"], "aux": extra},
+                       steps.train(self.retrain_cfg, [self.uris["labeled"], extra]))
+            self.evaluate(name, rt.uri)
+
+    def finish(self) -> dict[str, Any]:
+        summary = publish_results(self.run, self.cfg, self.results, self.figures, self.uris)
+        return summary
+
+
+def _load(config_path: str | None, overrides: list[str] | None, cfg: RunConfig | None) -> RunConfig:
+    return cfg if cfg is not None else load_config(config_path, overrides or [])
+
+
+@flow(name="fermine-round", log_prints=True)
+def round_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """The full round: ingest -> align -> teacher -> PASM -> mine -> distill -> retrain -> evaluate."""
+    r = Round(_load(config_path, overrides, cfg))
+    r.data()
+    r.teacher()
+    r.pasm()
+    r.omni()
+    return r.finish()
+
+
+@flow(name="fermine-pasm", log_prints=True)
+def pasm_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """teacher -> (attack -> erase -> student) x N, with the random-erasing ablation."""
+    r = Round(_load(config_path, overrides, cfg))
+    r.data()
+    r.teacher()
+    r.pasm()
+    return r.finish()
+
+
+@flow(name="fermine-omni", log_prints=True)
+def omni_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """primitive model -> centroids -> mine -> distill -> retrain with VAS and DAS -> evaluate."""
+    r = Round(_load(config_path, overrides, cfg))
+    r.data()
+    r.teacher()
+    r.omni()
+    return r.finish()
+
+
+FLOWS = {"round": round_flow, "pasm": pasm_flow, "omni": omni_flow}
+
+__all__ = ["FLOWS", "Round", "omni_flow", "pasm_flow", "round_flow"]

@@ -1,0 +1,234 @@
+"""Stage bodies for the flows: each returns ``fn(out_uri)`` that calls one tasks/workers function.
+
+Keeping these closures separate from the flow wiring keeps flows/round.py a readable DAG and
+lets every pipeline reuse the same stage bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping, Sequence
+
+import fsspec
+
+from flows.config import DataSource, RaySection, build_dataclass
+from storage.artifact import join
+
+StageFn = Callable[[str], Any]
+
+
+# ---- configs --------------------------------------------------------------------------------
+def train_config(overrides: Mapping[str, Any], seed: int, section: str):
+    from tasks.train import TrainConfig
+
+    return build_dataclass(TrainConfig, {"seed": seed, **overrides}, section)
+
+
+def align_config(overrides: Mapping[str, Any]):
+    from tasks.align import AlignConfig
+
+    return build_dataclass(AlignConfig, dict(overrides), "align")
+
+
+def attack_config(overrides: Mapping[str, Any], seed: int):
+    from tasks.attack import AttackConfig
+
+    return build_dataclass(AttackConfig, {"seed": seed, **overrides}, "attack").validate()
+
+
+def pasm_config(overrides: Mapping[str, Any]):
+    from tasks.pasm import PasmConfig
+
+    return build_dataclass(PasmConfig, dict(overrides), "pasm")
+
+
+def erase_config(pasm_cfg: Any, *, random_position: bool, seed: int):
+    from tasks.pasm import erase_config_for
+
+    return erase_config_for(pasm_cfg, random_position=random_position, seed=seed)
+
+
+def student_config(teacher_cfg: Any, pasm_cfg: Any, seed: int):
+    from tasks.pasm import student_train_config
+
+    return student_train_config(teacher_cfg, pasm_cfg, seed=seed)
+
+
+def centroid_config(overrides: Mapping[str, Any]):
+    from tasks.centroids import CentroidConfig
+
+    return build_dataclass(CentroidConfig, dict(overrides), "centroids")
+
+
+def mine_config(overrides: Mapping[str, Any]):
+    from tasks.mine import MineConfig
+
+    return build_dataclass(MineConfig, dict(overrides), "mine")
+
+
+def distill_config(overrides: Mapping[str, Any], seed: int, teacher_cfg: Any):
+    from tasks.distill import DistillConfig
+
+    base = {"seed": seed, "image_size": teacher_cfg.input_size}
+    return build_dataclass(DistillConfig, {**base, **overrides}, "distill")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def read_json(uri: str, name: str) -> dict[str, Any]:
+    with fsspec.open(join(uri, name), "r") as f:
+        return json.load(f)
+
+
+def write_json(uri: str, name: str, data: Any) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+    with fsspec.open(join(uri, name), "w") as f:
+        json.dump(data, f, indent=2, default=str)
+
+
+def first_png(uri: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    pngs = sorted(fs.glob(f"{path}/*.png"))
+    return pngs[0] if pngs else None
+
+
+def _ray(section: RaySection) -> None:
+    from workers.cluster import RayConfig, connect
+
+    connect(RayConfig(address=section.address, num_cpus=section.num_cpus))
+
+
+def _pool(section: RaySection, gpu: bool):
+    from workers.sharded import PoolConfig
+
+    return PoolConfig(num_actors=section.workers, num_cpus=section.cpus_per_worker,
+                      num_gpus=section.gpus_per_worker if gpu else 0.0)
+
+
+# ---- stage bodies ---------------------------------------------------------------------------
+def ingest(src: DataSource) -> StageFn:
+    def fn(out: str) -> None:
+        from storage.ingest import write_image_table
+        from storage.readers import get_reader
+
+        records = get_reader(src.format)(src.root, **src.options)
+        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.model_dump(mode="json"),
+                          rows_per_shard=src.rows_per_shard)
+
+    return fn
+
+
+def align(cfg: Any, in_uri: str, ray_section: RaySection) -> StageFn:
+    def fn(out: str) -> None:
+        from workers.align import align_artifact
+
+        _ray(ray_section)
+        align_artifact(in_uri, out, cfg, pool=_pool(ray_section, gpu=False))
+
+    return fn
+
+
+def train(cfg: Any, uris: Sequence[str], teacher_uri: str | None = None) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.train import train as run_train
+
+        run_train(cfg, list(uris), out)
+
+    return fn
+
+
+def evaluate(checkpoint_uri: str, sets: Mapping[str, tuple[str, tuple[str, ...] | None]]) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.evaluate import evaluate as run_eval
+        from tasks.evaluate import save_confusion_png
+
+        metrics: dict[str, Any] = {}
+        for name, (uri, splits) in sets.items():
+            res = run_eval(checkpoint_uri, uri, splits=splits)
+            metrics[name] = res.to_dict()
+            save_confusion_png(res, join(out, f"confusion-{name}.png").replace("file://", ""), title=name)
+        write_json(out, "metrics.json", metrics)
+
+    return fn
+
+
+def attack(cfg: Any, teacher_uri: str, table_uri: str, ray_section: RaySection) -> StageFn:
+    def fn(out: str) -> None:
+        from workers.attack import attack_artifact
+
+        _ray(ray_section)
+        attack_artifact(teacher_uri, table_uri, out, cfg, pool=_pool(ray_section, gpu=True))
+
+    return fn
+
+
+def erase(cfg: Any, table_uri: str, positions_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.erase import erase_table
+
+        erase_table(table_uri, positions_uri, out, cfg)
+
+    return fn
+
+
+def erase_random(cfg: Any, table_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.erase import erase_table
+
+        erase_table(table_uri, None, out, cfg)
+
+    return fn
+
+
+def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, teacher_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.pasm import train_student
+
+        train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out)
+
+    return fn
+
+
+def pasm_figure(rows: list[dict[str, str]], images_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.pasm_figure import pasm_figure as draw
+
+        fs, path = fsspec.core.url_to_fs(out)
+        fs.makedirs(path, exist_ok=True)
+        draw(images_uri, [r["erased"] for r in rows], f"{path}/pasm-rounds.png")
+
+    return fn
+
+
+def centroids(cfg: Any, model_uri: str, labeled_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.centroids import compute_centroids
+
+        compute_centroids(model_uri, labeled_uri, out, cfg)
+
+    return fn
+
+
+def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_section: RaySection) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.mined_figure import mined_figure
+        from workers.mine import mine_pool
+
+        _ray(ray_section)
+        mine_pool(model_uri, centroids_uri, pool_uri, out, cfg, workers=ray_section.workers,
+                  cpus_per_worker=ray_section.cpus_per_worker,
+                  gpus_per_worker=ray_section.gpus_per_worker or None)
+        fs, path = fsspec.core.url_to_fs(out)
+        mined_figure(out, f"{path}/mined-samples.png")
+
+    return fn
+
+
+def distill(cfg: Any, table_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.distill import distill as run_distill
+
+        run_distill(cfg, table_uri, out)
+
+    return fn
+

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from flows.config import ConfigError, apply_overrides, build_dataclass, load_config
+from flows.stage import Run, read_record
+from storage import Artifact, ArtifactWriter
+
+
+def _write(n):
+    def fn(out):
+        with ArtifactWriter(out, stage="unit", rows_per_shard=2) as w:
+            w.write_rows([{"id": str(i), "x": i} for i in range(n)])
+
+    return fn
+
+
+def test_stage_is_reused_when_identity_matches(tmp_path):
+    run = Run(str(tmp_path / "run"))
+    calls = []
+
+    def fn(out):
+        calls.append(out)
+        _write(3)(out)
+
+    a = run.stage("make", {"n": 3}, {}, fn)
+    b = run.stage("make", {"n": 3}, {}, fn)
+    assert len(calls) == 1 and b.reused and a.uri == b.uri and a.digest == b.digest
+    c = run.stage("make", {"n": 4}, {}, fn)  # other config -> other identity -> recomputed
+    assert len(calls) == 2 and c.uri != a.uri
+
+
+def test_downstream_identity_follows_upstream_content(tmp_path):
+    run = Run(str(tmp_path / "run"))
+    up1 = run.stage("up", {"n": 3}, {}, _write(3))
+    up2 = run.stage("up", {"n": 4}, {}, _write(4))
+    d1 = run.stage("down", {}, {"src": up1.uri}, lambda out: _write(1)(out))
+    d2 = run.stage("down", {}, {"src": up2.uri}, lambda out: _write(1)(out))
+    assert d1.uri != d2.uri
+
+
+def test_killed_stage_resumes_in_same_folder_and_is_not_reused(tmp_path):
+    run = Run(str(tmp_path / "run"))
+
+    def crash(out):
+        w = ArtifactWriter(out, stage="unit", rows_per_shard=1)
+        w.write_rows([{"id": "a"}])
+        raise KeyboardInterrupt  # killed mid-stage
+
+    with pytest.raises(KeyboardInterrupt):
+        run.stage("s", {}, {}, crash)
+    st = {r["stage"]: r for r in run.status()}
+    assert st["s"]["state"] == "failed"
+    rec = run.stage("s", {}, {}, _write(2))
+    assert not rec.reused and len(Artifact(rec.uri)) == 2
+    assert read_record(rec.uri).identity == rec.identity
+    assert {r["stage"]: r for r in run.status()}["s"]["state"] == "finished"
+
+
+def test_torn_stage_record_means_unfinished(tmp_path):
+    run = Run(str(tmp_path / "run"))
+    rec = run.stage("s", {}, {}, _write(1))
+    (tmp_path / "run" / rec.uri.rsplit("/", 1)[1] / "_stage.json").write_text("{")
+    calls = []
+    run.stage("s", {}, {}, lambda out: (calls.append(1), _write(1)(str(tmp_path / "run" / "other")))[0])
+    assert calls == [1]
+
+
+def test_config_overrides_and_validation(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nteacher: {epochs: 2}\n")
+    cfg = load_config(p, ["teacher.lr=0.05", "ray.workers=3", "labeled.options.size=32"])
+    assert cfg.teacher == {"epochs": 2, "lr": 0.05} and cfg.ray.workers == 3 and cfg.labeled.options == {"size": 32}
+    with pytest.raises(ConfigError, match="nmae|extra|not permitted"):
+        load_config(None, ["nmae=x"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_build_dataclass_rejects_unknown_and_bad_types():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class C:
+        epochs: int = 3
+        lr: float = 0.01
+
+    assert build_dataclass(C, {"epochs": "5"}, "teacher") == C(epochs=5)
+    with pytest.raises(ConfigError, match="epochz"):
+        build_dataclass(C, {"epochz": 1}, "teacher")
+    with pytest.raises(ConfigError, match="teacher.lr"):
+        build_dataclass(C, {"lr": "fast"}, "teacher")
