@@ -16,12 +16,19 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance shared by the tests that need one."""
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A local Ray instance shared by the tests that need one (started on first use)."""
     import ray
 
     from workers.cluster import RayConfig, connect
 
-    connect(RayConfig(num_cpus=2))
-    yield ray
-    ray.shutdown()
+    connect(RayConfig(num_cpus=2))  # no-op when already connected
+    return ray

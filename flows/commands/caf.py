@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-_METRIC_HEADERS = ("RMSE (V)", "RMSE (A)", "SAGR (V)", "SAGR (A)", "PCC (V)", "PCC (A)", "CCC (V)", "CCC (A)")
+_METRIC_HEADERS = ("RMSE V", "RMSE A", "SAGR V", "SAGR A", "PCC V", "PCC A", "CCC V", "CCC A")
 
 
 def _splits(text: str) -> tuple[str, ...] | None:
@@ -20,18 +20,26 @@ def _splits(text: str) -> tuple[str, ...] | None:
 
 
 def results_table(rows: dict[str, dict[str, Any]], title: str):
-    """A rich Table in the layout of the paper's Table 1 (best value of each column in bold)."""
+    """A rich Table in the layout of the paper's Table 1 (best value of each column in bold; 3 decimals,
+    full precision is in the JSON files)."""
     import math
 
+    from rich import box
     from rich.table import Table
 
     from tasks.va_metrics import VA_METRICS
 
-    table = Table(title=title)
-    table.add_column("Method")
+    # Compact enough for an 80-column terminal (and for logs, where rich assumes 80).
+    ns = {r.get("n") for r in rows.values()}
+    same_n = len(ns) == 1
+    if same_n:
+        title = f"{title}, n = {ns.pop()}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("Method", no_wrap=True)
     for h in _METRIC_HEADERS:
-        table.add_column(h, justify="right")
-    table.add_column("n", justify="right")
+        table.add_column(h, justify="right", no_wrap=True)
+    if not same_n:
+        table.add_column("n", justify="right", no_wrap=True)
     best: dict[str, float] = {}
     for k in VA_METRICS:
         vals = [r[k] for r in rows.values() if isinstance(r.get(k), float) and math.isfinite(r[k])]
@@ -41,9 +49,9 @@ def results_table(rows: dict[str, dict[str, Any]], title: str):
         cells = []
         for k in VA_METRICS:
             v = r.get(k)
-            s = "nan" if v is None or not math.isfinite(v) else f"{v:.4f}"
+            s = "nan" if v is None or not math.isfinite(v) else f"{v:.3f}"
             cells.append(f"[bold]{s}[/]" if k in best and v == best[k] else s)
-        table.add_row(name, *cells, str(r.get("n", "")))
+        table.add_row(name, *cells, *([] if same_n else [str(r.get("n", ""))]))
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect as _inspect
 import json
 import os
+import re
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -12,6 +13,8 @@ import typer
 
 GRID_PER_CLASS = 8
 UNLABELED = "unlabeled"
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -36,11 +39,10 @@ def _coerce(value: str) -> Any:
         return False
     if low in ("none", "null"):
         return None
-    for conv in (int, float):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
+    if _INT.fullmatch(value):
+        return int(value)
+    if _FLOAT.fullmatch(value):  # plain decimals only: a split named "nan" stays a string
+        return float(value)
     return value
 
 
@@ -166,7 +168,7 @@ def sample_grid(uri: str, path: str, n: int = GRID_PER_CLASS) -> str | None:
             except ImageDecodeError:
                 continue
             rows.setdefault(key, []).append(img)
-            titles.setdefault(key, []).append(rid.rsplit("/", 1)[-1][:14])
+            titles.setdefault(key, []).append(rid.split("/", 1)[-1][-16:])  # id without the source prefix
         if full():
             break
     if not rows:
@@ -182,8 +184,9 @@ def print_histogram(console, hist: dict[str, Counter]) -> None:
 
     from storage.schema import CLASSES
 
-    cols = [c for c in (*CLASSES, UNLABELED) if any(h.get(c) for h in hist.values())]
-    extra = sorted({k for h in hist.values() for k in h} - set(cols) - set(CLASSES))
+    # Every class is shown, so a class missing from a split is visible as a 0.
+    cols = list(CLASSES) + ([UNLABELED] if any(h.get(UNLABELED) for h in hist.values()) else [])
+    extra = sorted({k for h in hist.values() for k in h} - set(cols))
     table = Table(title="rows per split and class")
     table.add_column("split")
     for c in cols + extra:
@@ -220,9 +223,11 @@ def register(app: typer.Typer) -> None:
     @app.command("ingest")
     def ingest(
         fmt: str = typer.Argument(..., metavar="FORMAT", help="Data set format: rafdb, fer2013, ferplus, affectnet, "
-                                  "ckplus, jaffe, afewva, folder, ms1m, synthetic (see `fermine ingest --help`)."),
-        root: str = typer.Argument(..., help="The data set's folder (or csv/.rec file), laid out as its publisher ships it."),
-        out: str = typer.Argument(..., help="Where to write the image table (an fsspec URI; rejects go to OUT/rejects)."),
+                                  "ckplus, jaffe, afewva, folder, ms1m, synthetic; `fermine formats` lists their options."),
+        root: str = typer.Argument(..., metavar="ROOT",
+                                   help="The data set's folder (or csv/.rec file), laid out as its publisher ships it."),
+        out: str = typer.Argument(..., metavar="OUT",
+                                  help="Where to write the image table (an fsspec URI; rejects go to OUT/rejects)."),
         rows_per_shard: int = typer.Option(1024, "--rows-per-shard", min=1, help="Rows per Parquet shard."),
         option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
                                          help="Reader option, repeatable (e.g. -o aligned=false, -o limit=1000)."),
@@ -234,6 +239,7 @@ def register(app: typer.Typer) -> None:
 
         from flows.cli import UserError
         from flows.progress import progress_bar
+        from storage.artifact import is_finished
         from storage.ingest import write_image_table
         from storage.readers import get_reader
         from storage.readers.base import Reject
@@ -242,6 +248,8 @@ def register(app: typer.Typer) -> None:
             reader = get_reader(fmt)
         except KeyError as e:
             raise UserError(str(e.args[0])) from None
+        if is_finished(out):
+            raise UserError(f"{out} is already a finished artifact; choose another output or delete it")
         options = parse_options(option)
         check_options(fmt, reader, options)
         try:
@@ -261,7 +269,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(0, advance=1, info=f"{counts['rows']} rows, {counts['rejects']} rejects")
 
             try:
-                manifest = write_image_table(records, out, stage="ingest", config=config,
+                manifest = write_image_table(records, out, stage=f"ingest.{fmt}", config=config,
                                              rows_per_shard=rows_per_shard, on_record=on_record)
             except ValueError as e:
                 raise UserError(f"{fmt} at {root}: {e}") from None
@@ -273,6 +281,26 @@ def register(app: typer.Typer) -> None:
         if hist:
             print_histogram(console, hist)
         print_rejects(console, rejects_summary(out))
+
+    @app.command("formats")
+    def formats() -> None:
+        """List the data set formats `fermine ingest` reads, with their options and defaults."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from storage.readers import available, get_reader
+
+        table = Table(title="fermine ingest FORMAT ROOT OUT [-o KEY=VALUE ...]")
+        table.add_column("format", style="bold")
+        table.add_column("layout", overflow="fold")
+        table.add_column("options (-o key=value)", overflow="fold")
+        for name in available():
+            reader = get_reader(name)
+            mod_doc = (_inspect.getmodule(reader).__doc__ or "").strip().split("\n\n")[0].replace("``", "")
+            known = reader_options(reader)
+            opts = "any" if known is None else (", ".join(f"{k}={v!r}" for k, v in known.items()) or "-")
+            table.add_row(name, " ".join(mod_doc.split()), opts)
+        Console().print(table)
 
     @app.command("inspect")
     def inspect(

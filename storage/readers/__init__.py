@@ -40,6 +40,13 @@ def _load_all() -> None:
     for m in pkgutil.iter_modules(pkg.__path__):
         if m.name not in ("base",):
             importlib.import_module(f"storage.readers.{m.name}")
+    # Readers that live outside this package (the synthetic generator) register when imported.
+    for name in ("storage.synthetic",):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
 
 
 __all__ = ["READERS", "DatasetFormatError", "Reader", "Record", "Reject", "available", "get_reader", "register"]

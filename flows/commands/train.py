@@ -1,0 +1,210 @@
+"""`fermine train` and `fermine evaluate`: the shared supervised trainer and the evaluation of a checkpoint."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+
+def _splits(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Repeatable --split options, also comma separated; "all" means every split (None)."""
+    if not values:
+        return default
+    out = tuple(s.strip() for v in values for s in v.split(",") if s.strip())
+    return None if "all" in out else out
+
+
+def _named_splits(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    out = _splits(values, default)
+    if out is None:
+        raise ValueError("training and validation need named splits (e.g. --split train --split val), not 'all'")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        tables: List[str] = typer.Argument(..., help="Image table(s) to train on (their union), then OUT.",
+                                           metavar="TABLE... OUT"),
+        arch: str = typer.Option("small_cnn", help="small_cnn (CPU), resnet18, resnet34, resnet50, vgg16."),
+        epochs: int = typer.Option(10, help="Epochs (an interrupted run resumes; a larger value extends it)."),
+        batch_size: int = typer.Option(64, help="Images per SGD step."),
+        lr: float = typer.Option(0.01, help="Initial learning rate (x --lr-gamma every --lr-step epochs)."),
+        lr_step: int = typer.Option(10, help="Epochs between learning-rate decays."),
+        lr_gamma: float = typer.Option(0.1, help="Learning-rate decay factor."),
+        momentum: float = typer.Option(0.9, help="SGD momentum."),
+        weight_decay: float = typer.Option(5e-4, help="SGD weight decay."),
+        size: int = typer.Option(64, help="Input side in pixels (224 for the papers' ResNet/VGG runs)."),
+        pretrained: Optional[str] = typer.Option(None, help="Local weights: torchvision/plain state_dict file or a "
+                                                 "checkpoint folder. Never downloaded."),
+        init_from: Optional[str] = typer.Option(None, help="Checkpoint folder to initialise every weight from."),
+        teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint for the PASM Eq. 4 MSE term (see --beta)."),
+        alpha: float = typer.Option(1.0, help="Weight of the cross-entropy term."),
+        beta: float = typer.Option(0.0, help="Weight of MSE(student logits, teacher logits); needs --teacher."),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/last.pt when present."),
+        val: Optional[str] = typer.Option(None, help="Image table evaluated after every epoch (see --val-split)."),
+        val_split: Optional[List[str]] = typer.Option(None, help="Validation split(s) of --val (default: test)."),
+        split: Optional[List[str]] = typer.Option(None, help="Training split(s) of the tables (default: train)."),
+        class_balanced: bool = typer.Option(False, help="Weight the loss by inverse class frequency."),
+        hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flip."),
+        seed: int = typer.Option(0, help="Seed of initialisation, order and augmentation."),
+        device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+        amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
+        data: str = typer.Option("auto", help="memory: decode once into RAM; stream: decode shards in workers; auto."),
+        workers: Optional[int] = typer.Option(None, help="Streaming decode workers (default: CPUs - 1, at most 8)."),
+        threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+        json_path: Optional[str] = typer.Option(None, "--json", help="Also write the metrics JSON here."),
+    ) -> None:
+        """Train a FER classifier (SGD, lr x0.1 every 10 epochs); writes OUT/model.pt, model.json, metrics.json."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from flows.cli import UserError
+        from flows.progress import progress_bar
+        from storage.artifact import is_finished
+
+        if len(tables) < 2:
+            raise UserError("give at least one TABLE and the OUT folder: fermine train TABLE... OUT")
+        *inputs, out = tables
+        for t in inputs + ([val] if val else []):
+            if not is_finished(t):
+                raise UserError(f"no finished image table at {t}: check the path, or run the stage that makes it")
+        if is_finished(out):
+            raise UserError(f"OUT {out} is an image table, not a checkpoint folder; did you forget the OUT argument?")
+
+        import torch
+
+        from tasks.checkpoint import load_checkpoint
+        from tasks.train import TrainConfig, train
+
+        if threads is not None:
+            if threads < 1:
+                raise UserError(f"--threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+
+        try:
+            cfg = TrainConfig(
+                arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
+                momentum=momentum, weight_decay=weight_decay, input_size=size, pretrained=pretrained,
+                alpha=alpha, beta=beta, class_balanced=class_balanced, hflip=hflip, seed=seed, device=device,
+                amp=amp, data=data, num_workers=workers,
+                train_splits=_named_splits(split, ("train",)),
+                val_splits=_named_splits(val_split, ("test",)),
+            )
+            from tasks.models import available_models
+
+            if arch not in available_models():
+                raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
+            teacher_model = None
+            if teacher:
+                teacher_model, tmeta = load_checkpoint(teacher)
+                if tmeta.get("input_size") not in (None, size):
+                    raise ValueError(f"teacher {teacher} was trained at {tmeta['input_size']} px but --size is {size}; "
+                                     "train the student at the teacher's size")
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from e
+
+        console = Console(stderr=True)
+        with progress_bar(f"train {arch}", None) as bar:
+            state = {"epoch": 0}
+
+            def on_batch(d: dict) -> None:
+                if d["epoch"] != state["epoch"]:
+                    state["epoch"] = d["epoch"]
+                    bar.reset(0, total=d["steps"], completed=0,
+                              description=f"epoch {d['epoch']}/{d['epochs']}")
+                bar.update(0, completed=d["step"],
+                           info=f"loss {d['loss']:.3f} acc {d['train_acc']:.3f} {d['images_per_s']:.0f} img/s")
+
+            def on_epoch(d: dict) -> None:
+                task = bar.tasks[0]
+                if task.total is not None:
+                    bar.update(0, completed=task.total)
+                msg = (f"epoch {d['epoch']}/{d['epochs']} loss {d['loss']:.4f} acc {d['train_acc']:.3f} "
+                       f"lr {d['lr']:.2g} {d['images_per_s']:.0f} img/s")
+                if "val_accuracy" in d:
+                    msg += f" | val acc {d['val_accuracy']:.3f} mca {d['val_mean_class_accuracy']:.3f}"
+                bar.console.print(msg, markup=False)
+
+            try:
+                res = train(cfg, inputs, out, teacher=teacher_model, init_from=init_from, progress=on_epoch,
+                            val_uri=val, resume=resume, on_batch=on_batch)
+            except (ValueError, FileNotFoundError) as e:
+                raise UserError(str(e)) from e
+
+        m = res.metrics
+        from rich.markup import escape
+
+        table = Table(title=escape(f"trained {arch} -> {res.checkpoint_uri}"))
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("epochs", "loss", "train_acc", "images_per_s", "samples_per_epoch", "data_mode", "device"):
+            v = m.get(key)
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+        if "val" in m:
+            table.add_row("val accuracy", f"{m['val']['accuracy']:.4f}")
+            table.add_row("val mean class accuracy", f"{m['val']['mean_class_accuracy']:.4f}")
+        Console().print(table)
+        if json_path:
+            from tasks.checkpoint import atomic_write_bytes, dumps_json
+
+            atomic_write_bytes(json_path, dumps_json({"final": m, "history": res.history}).encode())
+        console.print(escape(f"metrics: {out.rstrip('/')}/metrics.json, curves: {out.rstrip('/')}/curves.png"))
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        checkpoint: str = typer.Argument(..., help="Checkpoint folder (the OUT of `fermine train`)."),
+        table: str = typer.Argument(..., help="Image table to evaluate on (same or another data set)."),
+        split: Optional[List[str]] = typer.Option(None, help="Split(s) to evaluate (default: test; 'all' = every row)."),
+        batch_size: int = typer.Option(256, help="Images per forward pass."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+        json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics JSON here."),
+        confusion: Optional[str] = typer.Option(None, help="Write the confusion matrix PNG here."),
+    ) -> None:
+        """Accuracy, per-class and mean class accuracy and the confusion matrix of CHECKPOINT on TABLE."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from flows.cli import UserError
+        from storage.artifact import is_finished
+        from tasks.checkpoint import atomic_write_bytes, checkpoint_exists, dumps_json
+
+        if not checkpoint_exists(checkpoint):
+            raise UserError(f"no finished checkpoint at {checkpoint} (model.json + model.pt); train it first, "
+                            "or resume an interrupted run with `fermine train`")
+        if not is_finished(table):
+            raise UserError(f"no finished image table at {table}: check the path, or run the stage that makes it")
+        from tasks.evaluate import evaluate, save_confusion_png
+
+        try:
+            res = evaluate(checkpoint, table, splits=_splits(split, ("test",)), batch_size=batch_size, device=device)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        from rich.markup import escape
+
+        t = Table(title=escape(f"{checkpoint} on {table} [{', '.join(res.splits or ['all'])}], n={res.n}"))
+        t.add_column("class")
+        t.add_column("n", justify="right")
+        t.add_column("accuracy", justify="right")
+        for c, n, a in zip(res.classes, res.support, res.per_class):
+            t.add_row(c, str(n), "absent" if n == 0 else f"{a:.4f}")
+        t.add_row("[bold]overall", str(res.n), f"[bold]{res.accuracy:.4f}")
+        t.add_row("[bold]mean class", "", f"[bold]{res.mean_class_accuracy:.4f}")
+        con = Console()
+        con.print(t)
+        cm = Table(title="confusion (rows: true, columns: predicted)")
+        cm.add_column("")
+        for c in res.classes:
+            cm.add_column(c[:4], justify="right")
+        for c, row in zip(res.classes, res.confusion):
+            cm.add_row(c, *[str(v) for v in row])
+        con.print(cm)
+        if res.absent_classes:
+            con.print(escape(f"classes absent from the test rows (excluded from the mean): {', '.join(res.absent_classes)}"))
+        if res.unlabeled_skipped:
+            con.print(f"{res.unlabeled_skipped} unlabeled rows skipped")
+        if json_path:
+            atomic_write_bytes(json_path, dumps_json(res.to_dict()).encode())
+        if confusion:
+            save_confusion_png(res, confusion)

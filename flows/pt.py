@@ -1,0 +1,139 @@
+"""The Progressive Teacher flow: noise injection -> fine-tune / Mean Teacher / PT -> evaluation -> Table 4.
+
+Per noise rate: ``noise-<kind>-<pct>`` (tasks.label_noise, skipped at 0%), ``finetune-<pct>``,
+``mean-teacher-<pct>`` (with ``compare``), ``pt-<pct>``, an ``eval-*`` stage per model and a
+``pt-report-<pct>`` stage (filtered samples per class + image grid). Every box is a stage
+(flows.prefect_tasks.stage): a rerun reuses finished stages and resumes an interrupted training
+from its last.pt. Writes ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import fsspec
+from prefect import flow
+
+from flows.config import build_dataclass
+from flows.prefect_tasks import stage
+from flows.stage import Run
+from storage.artifact import join
+
+
+def _inject(labeled_uri: str, kind: str, rate: float, seed: int, splits: Sequence[str]):
+    def fn(out: str) -> None:
+        from tasks.label_noise import inject_noise
+
+        inject_noise(labeled_uri, out, kind, rate, seed, splits=splits)
+
+    return fn
+
+
+def _finetune(cfg: Any, train_uri: str):
+    def fn(out: str) -> None:
+        from tasks.train import train
+
+        train(cfg, [train_uri], out)
+
+    return fn
+
+
+def _pt(cfg: Any, train_uri: str, pool_uri: str | None, val_uri: str | None):
+    def fn(out: str) -> None:
+        from tasks.progressive_teacher import train_pt
+
+        train_pt(cfg, train_uri, pool_uri, out, val_uri=val_uri)
+
+    return fn
+
+
+def _report(run_uri: str, train_uri: str, size: int):
+    def fn(out: str) -> None:
+        from tasks.pt_report import write_report
+
+        write_report(run_uri, train_uri, out, size=size)
+
+    return fn
+
+
+def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, device: str):
+    def fn(out: str) -> None:
+        from tasks.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.evaluate import evaluate, save_confusion_png
+
+        ev = evaluate(model_uri, test_uri, splits=splits, device=device)
+        atomic_write_bytes(join(out, "metrics.json"), dumps_json(ev.to_dict()).encode())
+        save_confusion_png(ev, join(out, "confusion.png"))  # plots write through fsspec
+
+    return fn
+
+
+@flow(name="progressive-teacher")
+def pt_flow(
+    labeled_uri: str,
+    out: str,
+    pool_uri: str | None = None,
+    test_uri: str | None = None,
+    test_splits: list[str] | None = None,
+    noise_rates: list[float] | None = None,
+    noise_kind: str = "symmetric",
+    noise_seed: int = 0,
+    config: dict[str, Any] | None = None,
+    compare: bool = True,
+    val_uri: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune baseline, Mean Teacher and PT (``compare``) or PT alone, at every noise rate (Table 4).
+
+    ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri`` defaults to
+    ``labeled_uri`` and ``test_splits`` to ["test"]; ``noise_rates`` to [0, 0.1, 0.2, 0.3].
+    """
+    from tasks.progressive_teacher import PTConfig, finetune_config, mean_teacher_config
+
+    cfg = build_dataclass(PTConfig, dict(config or {}), "pt")
+    test_uri = test_uri or labeled_uri
+    splits = list(test_splits) if test_splits is not None else ["test"]
+    rates = list(noise_rates) if noise_rates is not None else [0.0, 0.1, 0.2, 0.3]
+    run = Run(out)
+    rows: list[dict[str, Any]] = []
+    for rate in rates:
+        pct = f"{100 * rate:g}"
+        train_uri = labeled_uri
+        if rate > 0:
+            spec = {"kind": noise_kind, "rate": rate, "seed": noise_seed, "splits": list(cfg.train_splits)}
+            train_uri = stage(run, f"noise-{noise_kind}-{pct}", spec, {"labeled": labeled_uri},
+                              _inject(labeled_uri, noise_kind, rate, noise_seed, cfg.train_splits)).uri
+        inputs = {"labeled": train_uri, **({"pool": pool_uri} if pool_uri else {}), **({"val": val_uri} if val_uri else {})}
+        variants: list[tuple[str, str, Any]] = []
+        if compare:
+            variants.append(("Fine-tune (baseline)", f"finetune-{pct}", finetune_config(cfg)))
+            variants.append(("Mean Teacher", f"mean-teacher-{pct}", mean_teacher_config(cfg)))
+        variants.append(("PT", f"pt-{pct}", cfg))
+        for method, name, c in variants:
+            if name.startswith("finetune"):
+                tr = stage(run, name, c, {"labeled": train_uri}, _finetune(c, train_uri))
+                model_uri = tr.uri
+                extra: dict[str, Any] = {}
+            else:
+                tr = stage(run, name, c, inputs, _pt(c, train_uri, pool_uri, val_uri))
+                model_uri = join(tr.uri, "teacher")
+                with fsspec.open(join(tr.uri, "pt.json"), "r") as f:
+                    m = json.load(f)["metrics"]
+                extra = {k: m.get(k) for k in ("forget_rate", "filtered_out", "noisy_filtered_rate",
+                                               "clean_filtered_rate", "filtered_precision") if k in m}
+                if c.forget_rate != 0:
+                    rep = stage(run, f"pt-report-{pct}", {"size": c.input_size}, {"run": tr.uri, "labeled": train_uri},
+                                _report(tr.uri, train_uri, c.input_size))
+                    extra["report"] = rep.uri
+            ev = stage(run, f"eval-{name}", {"splits": splits, "device": c.device}, {"model": tr.uri, "test": test_uri},
+                       _evaluate(model_uri, test_uri, splits, c.device))
+            with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
+                em = json.load(f)
+            rows.append({"method": method, "noise": rate, "noise_kind": noise_kind, "accuracy": em["accuracy"],
+                         "mean_class_accuracy": em["mean_class_accuracy"], "checkpoint": model_uri, **extra})
+    result = {"labeled_uri": labeled_uri, "pool_uri": pool_uri, "test_uri": test_uri, "test_splits": splits,
+              "config": dataclasses.asdict(cfg), "rows": rows}
+    with fsspec.open(join(run.root, "results.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return result

@@ -1,0 +1,176 @@
+"""Model checkpoints: a folder (local path or fsspec URI) with ``model.pt`` + ``model.json``.
+
+``model.pt`` is a plain state_dict (loadable without fermine); ``model.json`` holds what is needed to
+use it: architecture, class names, input size, normalisation, metrics and the training config.
+Every file is written to a temporary sibling and renamed, so a reader never sees a partial file;
+``model.json`` is written last and records the sha256 of ``model.pt``, so a pair torn by a crash
+between the two renames is detected instead of loaded.
+
+The training state (``last.pt``: model, optimiser, scheduler, epoch, RNG states, history) lives in
+the same folder and is what ``train(..., resume=True)`` continues from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import uuid
+from typing import Any, Mapping
+
+import fsspec
+import torch
+
+from storage.schema import CLASSES
+from tasks.models import FERNet, build_model
+
+MODEL_FILE = "model.pt"
+META_FILE = "model.json"
+STATE_FILE = "last.pt"
+_TMP = "_tmp-"
+
+__all__ = [
+    "atomic_write_bytes",
+    "checkpoint_exists",
+    "load_checkpoint",
+    "load_training_state",
+    "read_meta",
+    "save_checkpoint",
+    "save_training_state",
+]
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/")
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` via a temporary sibling + rename (atomic on local disks and memory://)."""
+    fs, path = _fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/{_TMP}{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    """JSON has no NaN/inf: they become null (e.g. the accuracy of a class absent from a test set)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str)
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+def save_checkpoint(uri_dir: str, model: FERNet, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Atomically write ``model.pt`` then ``model.json``; returns the meta written.
+
+    ``meta`` may give classes, input_size, mean, std, metrics, config; arch and num_classes come from
+    the model, classes default to storage.schema.CLASSES, mean/std to tasks.data's.
+    """
+    from tasks.data import MEAN, STD
+
+    buf = io.BytesIO()
+    # Always a CPU state_dict: a checkpoint saved on a GPU loads on a CPU-only machine.
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    data = buf.getvalue()
+    out: dict[str, Any] = {
+        "classes": list(CLASSES[: model.num_classes]) if model.num_classes <= len(CLASSES) else None,
+        "input_size": None,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "metrics": {},
+        "config": {},
+    }
+    out.update(dict(meta or {}))
+    out.update({"arch": model.arch, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
+                "format": 1, "model_sha256": hashlib.sha256(data).hexdigest()})
+    if out.get("classes") is not None and len(out["classes"]) != model.num_classes:
+        raise ValueError(f"meta lists {len(out['classes'])} classes but the model has {model.num_classes} outputs")
+    atomic_write_bytes(_join(uri_dir, MODEL_FILE), data)
+    atomic_write_bytes(_join(uri_dir, META_FILE), dumps_json(out).encode())
+    return out
+
+
+def checkpoint_exists(uri_dir: str) -> bool:
+    fs, path = _fs(uri_dir)
+    return fs.exists(f"{path}/{META_FILE}") and fs.exists(f"{path}/{MODEL_FILE}")
+
+
+def read_meta(uri_dir: str) -> dict[str, Any]:
+    fs, path = _fs(uri_dir)
+    if not fs.exists(f"{path}/{META_FILE}"):
+        if fs.exists(path):
+            raise FileNotFoundError(
+                f"{uri_dir} has no {META_FILE}: training there did not finish. "
+                "Rerun `fermine train` with the same output to resume it."
+            )
+        raise FileNotFoundError(f"no checkpoint at {uri_dir}: check the path")
+    return json.loads(fs.cat_file(f"{path}/{META_FILE}").decode())
+
+
+def load_checkpoint(uri_dir: str, device: str | torch.device = "cpu") -> tuple[FERNet, dict[str, Any]]:
+    """Load a checkpoint folder; returns (model in eval mode on ``device``, meta)."""
+    meta = read_meta(uri_dir)
+    fs, path = _fs(uri_dir)
+    data = fs.cat_file(f"{path}/{MODEL_FILE}")
+    want = meta.get("model_sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(
+            f"{uri_dir}/{MODEL_FILE} does not match the checksum in {META_FILE} (a write was interrupted or "
+            "the file was replaced); retrain or restore the checkpoint"
+        )
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = build_model(meta["arch"], int(meta["num_classes"]))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, meta
+
+
+def save_training_state(uri_dir: str, state: Mapping[str, Any]) -> None:
+    """Atomically write the resumable training state (``last.pt``).
+
+    Keep it to tensors, numbers, strings, lists, dicts and None (e.g. ``array.tolist()``, not numpy
+    arrays): :func:`load_training_state` reads it with torch's safe (weights-only) loader.
+    """
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    atomic_write_bytes(_join(uri_dir, STATE_FILE), buf.getvalue())
+
+
+def load_training_state(uri_dir: str) -> dict[str, Any] | None:
+    """The training state in ``uri_dir``, or None when there is none."""
+    fs, path = _fs(uri_dir)
+    p = f"{path}/{STATE_FILE}"
+    if not fs.exists(p):
+        return None
+    # The state holds tensors, numbers, strings, lists, dicts and None only (RNG states as torch tensors),
+    # so the safe loader suffices: a state file can never run code when loaded.
+    try:
+        return torch.load(io.BytesIO(fs.cat_file(p)), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{uri_dir}/{STATE_FILE} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is corrupt or holds "
+            "objects other than tensors, numbers, strings, lists and dicts. Delete it, or use --no-resume."
+        ) from None

@@ -1,0 +1,200 @@
+"""PASM erasing (Section III-C), the rounds of Algorithm 1 end to end, the figure and the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from storage.artifact import Artifact, ArtifactWriter
+from storage.images import decode, encode
+from storage.schema import IMAGE_SCHEMA, image_row
+from tasks.attack import POSITIONS_SCHEMA
+from tasks.erase import EraseConfig, erase, erase_batch, erase_table, region, side_pixels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spinning against each other cost 10x
+    yield
+    torch.set_num_threads(n)
+
+
+def test_region_is_centred_and_clipped():
+    assert region(10, 10, 5, 32, 32) == (8, 13, 8, 13)
+    assert region(0, 31, 5, 32, 32) == (29, 32, 0, 3)
+    assert region(10, 10, 4, 32, 32) == (8, 12, 8, 12)  # even side: the extra pixel goes up-left
+    assert side_pixels(0.14, 224) == 31 and side_pixels(0.14, 64) == 9 and side_pixels(7, 64) == 7
+    assert side_pixels(100, 64) == 64
+
+
+@pytest.mark.parametrize("fill", ["rgb", "random", "constant"])
+def test_erase_fills_only_the_region(fill):
+    img = np.full((20, 20, 3), 50, np.uint8)
+    out = erase(img, 18, 3, 5, fill, rgb=(1, 2, 3), rng=np.random.default_rng(0), constant=(9, 9, 9))
+    inside = np.zeros((20, 20), bool)
+    inside[1:6, 16:20] = True
+    assert (out[~inside] == 50).all() and (img == 50).all()  # the input is not modified
+    if fill == "rgb":
+        assert (out[inside] == [1, 2, 3]).all()
+    elif fill == "constant":
+        assert (out[inside] == 9).all()
+    else:
+        assert len(np.unique(out[inside])) > 10
+    batch = erase_batch(torch.from_numpy(img).permute(2, 0, 1)[None].repeat(2, 1, 1, 1), torch.tensor([18, 0]),
+                        torch.tensor([3, 0]), 5, fill, rgb=torch.tensor([[1, 2, 3], [4, 5, 6]]),
+                        generator=torch.Generator().manual_seed(0), constant=(9, 9, 9))
+    assert ((batch[0].permute(1, 2, 0).numpy() != 50).any(2) == inside).all() or fill == "random"
+    assert (batch[0].permute(1, 2, 0).numpy()[~inside] == 50).all()
+
+
+def _table(path, n=10, size=40):
+    rng = np.random.default_rng(1)
+    rows = [image_row(f"r{i}", encode(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)), label=i % 7,
+                      split="train" if i < n - 2 else "test",
+                      landmarks=[10.0, 10.0, 30.0, 10.0, 20.0, 20.0, 12.0, 30.0, 28.0, 30.0]) for i in range(n)]
+    with ArtifactWriter(str(path), stage="unit", rows_per_shard=4, schema=IMAGE_SCHEMA) as w:
+        w.write_rows(rows)
+    return str(path)
+
+
+def _positions(path, ids, size=32):
+    rows = [{"id": i, "x": 3 * k % size, "y": 5 * k % size, "r": 10 * k, "g": 7, "b": 200, "fitness": 0.1,
+             "clean_prob": 0.5, "evals": 40, "label": k % 7, "size": size} for k, i in enumerate(ids)]
+    with ArtifactWriter(str(path), stage="attack", schema=POSITIONS_SCHEMA) as w:
+        w.write_rows(rows)
+    return str(path), rows
+
+
+def test_erase_table_uses_the_attacked_positions(tmp_path):
+    table = _table(tmp_path / "t")
+    pos_uri, pos = _positions(tmp_path / "p", [f"r{i}" for i in range(8)])
+    out = str(tmp_path / "e")
+    m = erase_table(table, pos_uri, out, EraseConfig(size=5))
+    t = Artifact(out).read()
+    assert t.schema == IMAGE_SCHEMA and sorted(t["id"].to_pylist()) == [f"r{i}" for i in range(8)]
+    assert m.extra == {"rows_erased": 8, "not_erased": 2}
+    by_id = {r["id"]: r for r in t.to_pylist()}
+    for p in pos:
+        img = decode(by_id[p["id"]]["image"])
+        assert img.shape == (32, 32, 3)  # written at the attack's resolution, PNG: exact values
+        y0, y1, x0, x1 = region(p["x"], p["y"], 5, 32, 32)
+        assert (img[y0:y1, x0:x1] == [p["r"], p["g"], p["b"]]).all()
+        assert by_id[p["id"]]["label"] == p["label"] and by_id[p["id"]]["split"] == "train"
+    assert by_id["r0"]["landmarks"][2] == pytest.approx(30.0 * 32 / 40)  # landmarks follow the resize
+    # Positions computed on another table are an error, not silently dropped rows.
+    other, _ = _positions(tmp_path / "p2", ["r0", "zzz"])
+    with pytest.raises(ValueError, match="another table"):
+        erase_table(table, other, str(tmp_path / "e2"), EraseConfig(size=5))
+
+
+def test_random_erasing_ablation(tmp_path):
+    table = _table(tmp_path / "t")
+    with pytest.raises(ValueError, match="image_size"):
+        erase_table(table, None, str(tmp_path / "x"), EraseConfig(random_position=True))
+    outs = []
+    for k, seed in enumerate((0, 0, 1)):
+        out = str(tmp_path / f"r{k}")
+        erase_table(table, None, out, EraseConfig(size=0.25, random_position=True, seed=seed, image_size=32,
+                                                  fill="constant", constant=(255, 0, 255)))
+        outs.append({r["id"]: decode(r["image"]) for r in Artifact(out).read().to_pylist()})
+    assert sorted(outs[0]) == [f"r{i}" for i in range(8)]  # labeled train rows
+    masks = [{i: (im == [255, 0, 255]).all(2) for i, im in o.items()} for o in outs]
+    assert all(int(m.sum()) in range(9, 65) for m in masks[0].values())  # an 8x8 region, maybe clipped
+    assert all((masks[0][i] == masks[1][i]).all() for i in masks[0])  # same seed, same positions
+    assert any((masks[0][i] != masks[2][i]).any() for i in masks[0])
+
+
+def _synthetic_table(path, size=32):
+    from storage.ingest import write_image_table
+    from storage.synthetic import SyntheticConfig, generate
+
+    cfg = SyntheticConfig(size=size, train_per_class=3, test_per_class=2, pool_size=0, n_identities=3)
+    write_image_table(generate(cfg), str(path), stage="ingest", config={}, rows_per_shard=8)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_pasm_cli_end_to_end_and_resume(tmp_path, capsys):
+    """One round at 32 px (small_cnn, 1 epoch), attack in-process: every artifact of the round is there,
+    the summary table is printed, a rerun reuses everything and other settings are refused."""
+    from flows.cli import main
+
+    table = _synthetic_table(tmp_path / "t")
+    out = tmp_path / "pasm"
+    args = ["pasm", table, str(out), "--rounds", "1", "--size", "32", "--epochs", "1", "--batch-size", "16",
+            "--popsize", "8", "--generations", "2", "--chunk-size", "16", "--mask-size", "8", "--local",
+            "--json", str(tmp_path / "summary.json")]
+    main(args)
+    printed = capsys.readouterr().out
+    assert "test accuracy per round" in printed and "random" in printed and "(teacher)" in printed
+    r1 = out / "round-1"
+    for p in ("teacher/model.pt", "teacher/model.json", "round-1/student/model.pt", "round-1/random_student/model.pt",
+              "round-1/positions/_manifest.json", "round-1/erased/_manifest.json", "round-1/round.json",
+              "erased_samples.png", "summary.json", "pasm.json"):
+        assert (out / p).exists(), p
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert len(s["rounds"]) == 1 and 0 <= s["rounds"][0]["accuracy"] <= 1
+    assert s["rounds"][0]["attack"]["rows"] == 21 and s["rounds"][0]["random_accuracy"] is not None
+    assert len(Artifact(str(r1 / "erased"))) == 21 == len(Artifact(str(r1 / "random_erased")))
+    sm = json.loads((r1 / "student" / "metrics.json").read_text())
+    assert sm["teacher"] is True and sm["init_from"].endswith("teacher")  # Eq. 4 with the teacher, refined from it
+    assert sm["config"]["beta"] == 0.1 and sm["train_uris"] == [str(r1 / "erased")]  # erased images only
+    mtime = os.path.getmtime(r1 / "student" / "model.pt")
+    main(args)  # resume: nothing is recomputed
+    assert os.path.getmtime(r1 / "student" / "model.pt") == mtime
+    with pytest.raises(SystemExit) as e:
+        main(args[:-2] + ["--beta", "0.5"])
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pasm_rounds_ablations_and_figure(tmp_path):
+    """Two rounds of the no-teacher random-erasing ablation: the student of round 1 is round 2's teacher."""
+    from tasks.attack import AttackConfig
+    from tasks.pasm import PasmConfig, run_pasm
+    from tasks.train import TrainConfig
+
+    table = _synthetic_table(tmp_path / "t")
+    events = []
+    cfg = PasmConfig(rounds=2, train=TrainConfig(input_size=32, epochs=1, batch_size=16),
+                     attack=AttackConfig(popsize=8, generations=1, chunk_size=16), random_erasing=True,
+                     no_teacher=True, compare_random=False, student_init="scratch", student_data="both")
+    res = run_pasm(cfg, table, str(tmp_path / "o"), progress=events.append)
+    assert [r.round for r in res.rounds] == [1, 2]
+    assert res.rounds[1].teacher_uri == res.rounds[0].student_uri
+    assert res.rounds[0].positions_uri is None and "attack" not in {e["event"] for e in events}
+    sm = json.loads(open(os.path.join(res.rounds[1].student_uri, "metrics.json")).read())
+    assert sm["teacher"] is False and sm["init_from"] is None and sm["config"]["beta"] == 0.0
+    assert len(sm["train_uris"]) == 2  # erased + originals
+    assert os.path.getsize(res.figure) > 5000
+
+
+def test_pasm_figure_rows(tmp_path):
+    from tasks.pasm_figure import pasm_figure
+
+    table = _table(tmp_path / "t")
+    erased = []
+    for r in range(2):
+        pos_uri, _ = _positions(tmp_path / f"p{r}", [f"r{i}" for i in range(8)])
+        erased.append(str(tmp_path / f"e{r}"))
+        erase_table(table, pos_uri, erased[-1], EraseConfig(size=5))
+    path = pasm_figure(table, erased, str(tmp_path / "fig.png"), n=4)
+    assert os.path.getsize(path) > 1000
+    with pytest.raises(ValueError, match="lacks ids"):
+        pasm_figure(None, erased, str(tmp_path / "f2.png"), ids=["r0", "r9"])
+
+
+def test_pasm_config_is_validated():
+    from tasks.pasm import PasmConfig
+
+    with pytest.raises(ValueError, match="rounds"):
+        PasmConfig(rounds=0).validate()
+    with pytest.raises(ValueError, match="student_init"):
+        PasmConfig(student_init="imagenet").validate()
+    with pytest.raises(ValueError, match="fill"):
+        from tasks.erase import EraseConfig as E
+
+        PasmConfig(erase=E(fill="blur")).validate()

@@ -1,0 +1,413 @@
+"""Progressive Teacher (tasks/progressive_teacher.py): the paper's formulas, the routing of selected
+samples between pairs, and the mechanism on a small noisy set (noisy labels are filtered out far
+more often than clean ones)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from storage.artifact import Artifact, ArtifactWriter
+from storage.images import encode
+from storage.schema import IMAGE_SCHEMA, image_row
+from tasks.label_noise import inject_noise
+from tasks.models import FERNet
+from tasks.progressive_teacher import (PTConfig, PTNet, consistency_weight, ema_alpha, ema_update,
+                                       mean_teacher_config, pt_step, resolve_forget_rate, routing, selection_ratio,
+                                       small_loss_selection, train_pt)
+
+# ---------------------------------------------------------------- formulas
+
+
+def test_ema_alpha_follows_the_paper_schedule():
+    assert ema_alpha(1) == pytest.approx(0.5)
+    assert ema_alpha(9) == pytest.approx(0.9)
+    assert ema_alpha(99) == pytest.approx(0.99)
+    assert ema_alpha(10_000) == pytest.approx(0.999)  # capped
+    assert ema_alpha(10_000, ema_max=0.99) == pytest.approx(0.99)
+
+
+def test_ema_update_averages_parameters_and_float_buffers():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    student(torch.randn(8, 3))  # moves the student's BN running stats and counter
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.75)
+    for k, v in teacher.state_dict().items():
+        s = student.state_dict()[k]
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, 0.75 * before[k] + 0.25 * s), k
+        else:
+            assert torch.equal(v, s), k  # num_batches_tracked is copied
+
+
+def test_selection_ratio_progressive_and_fixed():
+    r, T = 0.4, 300
+    assert selection_ratio(0, r, T) == 1.0
+    assert selection_ratio(150, r, T) == pytest.approx(0.8)
+    assert selection_ratio(300, r, T) == pytest.approx(0.6)
+    assert selection_ratio(5000, r, T) == pytest.approx(0.6)  # stays at 1 - r after T
+    assert all(selection_ratio(t, r, T, "fixed") == pytest.approx(0.6) for t in (0, 1, 150, 5000))
+    with pytest.raises(ValueError):
+        selection_ratio(1, r, T, "linear")
+
+
+def test_consistency_weight_ramps_up_to_ten():
+    assert consistency_weight(0, 6) == pytest.approx(10 * math.exp(-5))
+    assert consistency_weight(3, 6) == pytest.approx(10 * math.exp(-5 * 0.25))
+    assert consistency_weight(6, 6) == pytest.approx(10.0)
+    ws = [consistency_weight(e / 4, 6) for e in range(25)]
+    assert all(a < b for a, b in zip(ws, ws[1:]))
+
+
+def test_small_loss_selection_keeps_the_smallest_ceil_fraction():
+    losses = torch.tensor([0.9, 0.1, 0.5, 0.3, 2.0, 0.2, 0.7, 1.1, 0.05, 0.6])
+    m = small_loss_selection(losses, 0.7)  # 0.7 * 10 is 7, not 8, despite floating point
+    assert m.sum() == 7
+    assert set(torch.nonzero(m).flatten().tolist()) == {1, 2, 3, 5, 6, 8, 9}
+    assert small_loss_selection(losses, 0.65).sum() == 7  # ceil: |B'| >= R |B|
+    assert small_loss_selection(losses, 1.0).all()
+    assert not small_loss_selection(losses, 0.0).any()
+    ties = small_loss_selection(torch.ones(4), 0.5)
+    assert ties.tolist() == [True, True, False, False]  # stable: deterministic on ties
+    assert small_loss_selection(torch.zeros(0), 0.5).numel() == 0
+
+
+def test_routing_cross_sends_each_selection_to_the_other_pair():
+    assert routing(2, "cross") == [1, 0]
+    assert routing(2, "same") == [0, 1]
+    assert routing(1, "same") == [0]
+    assert routing(3, "cross") == [1, 2, 0]
+    with pytest.raises(ValueError, match="at least 2"):
+        routing(1, "cross")
+
+
+def test_config_validation_and_forget_rate_rule():
+    with pytest.raises(ValueError, match="cross guidance needs n_pairs >= 2"):
+        PTConfig(n_pairs=1)
+    with pytest.raises(ValueError, match="ratio"):
+        PTConfig(ratio="linear")
+    assert PTConfig().labeled_per_batch == 50  # 200 * 1/4, the paper's batch
+    mt = mean_teacher_config(PTConfig())
+    assert (mt.n_pairs, mt.guidance, mt.forget_rate) == (1, "same", 0.0)
+    assert resolve_forget_rate(None, None) == 0.05
+    assert resolve_forget_rate(None, {"kind": "symmetric", "rate": 0.3}) == pytest.approx(0.4)
+    assert resolve_forget_rate(None, {"kind": "asymmetric", "rate": 0.1}) == pytest.approx(0.05)
+    assert resolve_forget_rate(None, {"kind": "asymmetric", "rate": 0.3}) == pytest.approx(0.1)
+    assert resolve_forget_rate(0.2, {"kind": "symmetric", "rate": 0.3}) == 0.2
+
+
+def test_finetune_baseline_is_matched_to_the_pt_recipe():
+    from tasks.progressive_teacher import finetune_config
+
+    t = finetune_config(PTConfig())
+    assert (t.epochs, t.batch_size, t.lr, t.lr_step, t.lr_gamma, t.weight_decay) == (6, 50, 0.01, 3, 0.1, 5e-4)
+    assert finetune_config(PTConfig(epochs=12, lr_steps=(8,))).lr_step == 8
+    with pytest.raises(ValueError, match="does not match"):
+        finetune_config(PTConfig(epochs=6, lr_steps=(2,)))  # StepLR would also decay at epoch 4
+
+
+# ---------------------------------------------------------------- one step, controlled networks
+
+
+class _Ones(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_ones(x.shape[0], 1)
+
+
+def _const_net(bias: tuple[float, float], confidence: bool = False, conf_bias: float = 0.0) -> PTNet:
+    """A 2-class net whose logits are its head bias, whatever the image: its CE ranks samples by label."""
+    net = PTNet(FERNet("const", _Ones(), 1, 2), confidence)
+    with torch.no_grad():
+        net.net.head.weight.zero_()
+        net.net.head.bias.copy_(torch.tensor(bias))
+        if confidence:
+            net.conf.weight.zero_()
+            net.conf.bias.fill_(conf_bias)
+    return net
+
+
+def _step(guidance: str, teachers: list[PTNet], cfg_kw: dict | None = None):
+    cfg = PTConfig(guidance=guidance, num_classes=2, turn_iters=1, consistency_max=0.0, momentum=0.0,
+                   weight_decay=0.0, lr=0.5, hflip=False, **(cfg_kw or {}))
+    students = [_const_net((0.0, 0.0)) for _ in range(2)]
+    opts = [torch.optim.SGD(s.parameters(), lr=cfg.lr) for s in students]
+    xl = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    yl = torch.tensor([0, 0, 1, 1])
+    info = pt_step(students, teachers, opts, xl, yl, None, t=5, epoch_pos=0.0, cfg=cfg, forget_rate=0.5,
+                   gen=torch.Generator().manual_seed(0), conf_lambda=[0.1, 0.1])
+    return info, students
+
+
+@pytest.mark.parametrize("guidance", ["cross", "same"])
+def test_selected_samples_train_the_routed_student(guidance):
+    # Teacher 0 believes class 0, teacher 1 class 1: each keeps (R = 0.5) the samples labeled with its class.
+    teachers = [_const_net((3.0, 0.0)), _const_net((0.0, 3.0))]
+    info, students = _step(guidance, teachers)
+    assert info.selected[0].tolist() == [True, True, False, False]
+    assert info.selected[1].tolist() == [False, False, True, True]
+    learned = [int(s.net.head.bias.argmax()) for s in students]  # the class each student was taught
+    if guidance == "cross":
+        assert info.selector_of_student == [1, 0]
+        assert info.used_by_student[0].tolist() == [False, False, True, True]
+        assert learned == [1, 0]  # student 0 learned teacher 1's selection, and vice versa
+    else:
+        assert learned == [0, 1]
+
+
+def test_teachers_follow_students_by_ema_after_the_step():
+    teachers = [_const_net((3.0, 0.0)), _const_net((0.0, 3.0))]
+    info, students = _step("cross", teachers)
+    assert info.alpha == pytest.approx(ema_alpha(5))
+    for t, s, b in zip(teachers, students, [(3.0, 0.0), (0.0, 3.0)]):
+        want = info.alpha * torch.tensor(b) + (1 - info.alpha) * s.net.head.bias
+        assert torch.allclose(t.net.head.bias, want)
+
+
+@pytest.mark.parametrize("conf_bias,kept", [(10.0, 2), (-10.0, 0)])
+def test_confidence_estimator_keeps_confident_large_loss_samples(conf_bias, kept):
+    teachers = [_const_net((3.0, 0.0), True, conf_bias), _const_net((0.0, 3.0), True, conf_bias)]
+    cfg_kw = {"confidence_estimator": True, "confidence_threshold": 0.9}
+    info, _ = _step("cross", teachers, cfg_kw)
+    for k in range(2):
+        assert int(info.small_loss[k].sum()) == 2
+        assert int(info.conf_kept[k].sum()) == kept
+        assert torch.equal(info.selected[k], info.small_loss[k] | info.conf_kept[k])
+
+
+# ---------------------------------------------------------------- end to end on a tiny learnable set
+
+COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220], [220, 210, 40], [210, 40, 210], [40, 210, 210],
+                   [128, 128, 128]], dtype=np.float64)
+K = len(COLORS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # On a shared 2-core machine, two intra-op threads spin against each other and other processes and
+    # run these tiny convolutions ~20x slower than one thread; restore the setting for other modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _color_table(uri: str, per_class: int = 20, test_per_class: int = 6, pool: int = 140, size: int = 16,
+                 seed: int = 0) -> None:
+    """7 classes told apart by colour (plus pixel noise): learnable in a few dozen SGD steps."""
+    rng = np.random.default_rng(seed)
+
+    def img(c: int) -> bytes:
+        a = COLORS[c][None, None, :] + rng.normal(0, 25, (size, size, 3))
+        return encode(np.clip(a, 0, 255).astype(np.uint8))
+
+    rows = []
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for i in range(n * K):
+            rows.append(image_row(f"{split}/{i:04d}", img(i % K), label=i % K, split=split, source="colors"))
+    rows += [image_row(f"pool/{i:04d}", img(int(rng.integers(K))), split="pool", source="colors")
+             for i in range(pool)]
+    with ArtifactWriter(uri, stage="ingest", rows_per_shard=64, schema=IMAGE_SCHEMA) as w:
+        w.write_rows(rows)
+
+
+def _tiny_cfg(**kw) -> PTConfig:
+    base = dict(input_size=16, epochs=3, batch_size=32, lr_steps=(2,), turn_iters=20, pool_splits=("pool",),
+                seed=0)
+    base.update(kw)
+    return PTConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def noisy_colors(tmp_path_factory):
+    d = tmp_path_factory.mktemp("colors")
+    clean, noisy = str(d / "clean"), str(d / "noisy")
+    _color_table(clean)
+    inject_noise(clean, noisy, "symmetric", 0.3, seed=0)
+    return clean, noisy
+
+
+def test_pt_filters_noisy_labels_far_more_than_clean_ones(noisy_colors, tmp_path):
+    clean, noisy = noisy_colors
+    out = str(tmp_path / "pt")
+    events = []
+    res = train_pt(_tiny_cfg(), noisy, clean, out, progress=events.append)
+    m = res.metrics
+    assert res.forget_rate == pytest.approx(0.4)  # the paper's rule: 30% symmetric noise + 0.1
+    assert m["noisy_labels"] == 42  # round(0.3 * 20) in each of 7 classes
+    # The core claim: large-loss samples are the mislabeled ones.
+    assert m["noisy_filtered_rate"] >= 0.7, m
+    assert m["clean_filtered_rate"] <= 0.25, m
+    assert m["noisy_filter_rate_all_epochs"] > 2 * m["clean_filter_rate_all_epochs"], m
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]
+    assert res.history[-1]["ratio"] == pytest.approx(0.6)
+
+    # The saved teacher is an ordinary checkpoint: tasks.evaluate reads it, and it learned the classes.
+    from tasks.checkpoint import load_checkpoint
+    from tasks.evaluate import evaluate
+
+    model, meta = load_checkpoint(res.checkpoint_uri)
+    assert meta["input_size"] == 16 and meta["method"] == "progressive_teacher"
+    assert meta["label_noise"]["rate"] == 0.3 and meta["forget_rate"] == pytest.approx(0.4)
+    ev = evaluate(res.checkpoint_uri, clean, splits=("test",), device="cpu")
+    assert ev.accuracy >= 0.9
+
+    # The per-sample record and the run summary.
+    f = Artifact(res.filtered_uri).read()
+    assert f.num_rows == 140 and set(f.column("id").to_pylist()) == {f"train/{i:04d}" for i in range(140)}
+    assert sum(f.column("filtered_out").to_pylist()) == m["filtered_out"]
+    summary = json.loads(open(f"{out}/pt.json").read())
+    assert summary["label_noise"]["kind"] == "symmetric" and summary["metrics"]["config"]["n_pairs"] == 2
+
+    # Report: per class counts add up, and a figure is drawn.
+    from tasks.pt_report import write_report
+
+    rep = write_report(out, noisy, size=16)
+    total = rep.rows[-1]
+    assert total["class"] == "all" and total["filtered"] == m["filtered_out"]
+    assert sum(r["filtered"] for r in rep.rows[:-1]) == total["filtered"]
+    assert total["noisy_filtered"] + total["clean_filtered"] == total["filtered"]
+    assert rep.png_uri is not None and open(rep.png_uri, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "noisy filt." in rep.table
+
+    # Rerunning the finished run returns it; a different config into the same folder is refused.
+    assert train_pt(_tiny_cfg(), noisy, clean, out).metrics["filtered_out"] == m["filtered_out"]
+    with pytest.raises(FileExistsError):
+        train_pt(_tiny_cfg(seed=1), noisy, clean, out)
+
+
+def test_large_pools_stream_through_a_bounded_shuffle_buffer(noisy_colors):
+    from tasks.progressive_teacher import _Pool
+
+    clean, _ = noisy_colors
+    streamed = _Pool(clean, 16, ["pool"], buffer_rows=32)  # 140 pool rows > 32: streamed, not cached
+    cached = _Pool(clean, 16, ["pool"], buffer_rows=1000)
+    assert streamed.cached is None and cached.cached is not None and streamed.rows == cached.rows == 140
+    key = lambda x: x.flatten(1)[:, :48].numpy().tobytes()  # an image's identity (first pixels)
+    everything = {bytes(key(cached.cached[i:i + 1])) for i in range(140)}
+    for pool in (streamed, cached):
+        it = pool.batches(24, torch.Generator().manual_seed(0))
+        seen = [bytes(key(b[i:i + 1])) for b in (next(it) for _ in range(12)) for i in range(24)]
+        assert all(s in everything for s in seen)
+        assert len(set(seen[:140])) >= 120  # a pass covers (nearly) the whole pool, in random order
+        again = pool.batches(24, torch.Generator().manual_seed(0))
+        assert torch.equal(next(again), next(pool.batches(24, torch.Generator().manual_seed(0))))
+
+
+def test_mean_teacher_is_one_pair_without_filtering(noisy_colors, tmp_path):
+    clean, noisy = noisy_colors
+    res = train_pt(mean_teacher_config(_tiny_cfg(epochs=1)), noisy, clean, str(tmp_path / "mt"))
+    assert res.metrics["method"] == "mean_teacher" and res.metrics["filtered_out"] == 0
+    assert Artifact(res.filtered_uri).read().column("filtered").to_pylist() == [0] * 140
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_result(noisy_colors, tmp_path):
+    clean, noisy = noisy_colors
+    cfg = _tiny_cfg(epochs=2)
+    full = train_pt(cfg, noisy, clean, str(tmp_path / "full"))
+
+    def stop_after_first_epoch(e):
+        if e["event"] == "epoch" and e["epoch"] == 1:
+            raise _Stop
+
+    part = str(tmp_path / "part")
+    with pytest.raises(_Stop):
+        train_pt(cfg, noisy, clean, part, progress=stop_after_first_epoch)
+    resumed = train_pt(cfg, noisy, clean, part)
+    from tasks.checkpoint import load_checkpoint
+
+    a, _ = load_checkpoint(full.checkpoint_uri)
+    b, _ = load_checkpoint(resumed.checkpoint_uri)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    fa, fb = Artifact(full.filtered_uri).read(), Artifact(resumed.filtered_uri).read()
+    for name in fa.schema.names:  # column by column: last_loss is nan for samples unseen in the last epoch
+        np.testing.assert_array_equal(np.array(fa.column(name).to_pylist(), dtype=object if name == "id" else None),
+                                      np.array(fb.column(name).to_pylist(), dtype=object if name == "id" else None))
+    # An unfinished run is resumed only with the same settings.
+    other = str(tmp_path / "other")
+    with pytest.raises(_Stop):
+        train_pt(cfg, noisy, clean, other, progress=stop_after_first_epoch)
+    with pytest.raises(FileExistsError, match="another config"):
+        train_pt(_tiny_cfg(epochs=2, lr=0.02), noisy, clean, other)
+
+
+def test_bad_inputs_are_clear_errors(noisy_colors, tmp_path):
+    clean, noisy = noisy_colors
+    with pytest.raises(ValueError, match="no labeled rows|no rows"):
+        train_pt(_tiny_cfg(train_splits=("nope",)), noisy, clean, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="no rows"):
+        train_pt(_tiny_cfg(pool_splits=("nope",)), noisy, clean, str(tmp_path / "b"))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_compare_prints_a_table_4_like_comparison(noisy_colors, tmp_path, capsys):
+    from flows.cli import main
+
+    clean, _ = noisy_colors
+    out = str(tmp_path / "cli")
+    main(["pt", clean, clean, clean, out, "--compare", "--noise", "0.3", "--epochs", "1", "--size", "16",
+          "--batch-size", "32", "-T", "10", "--pool-split", "pool", "--no-report"])
+    text = capsys.readouterr().out
+    for name in ("Fine-tune (baseline)", "Mean Teacher", "PT (ours)", "Accuracy"):
+        assert name in text
+    res = json.loads(open(f"{out}/results.json").read())["results"]
+    assert [r["method"] for r in res] == ["Fine-tune (baseline)", "Mean Teacher", "PT (ours)"]
+    assert all(r["noise"] == 0.3 and 0 <= r["accuracy"] <= 1 for r in res)
+    assert res[2]["forget_rate"] == pytest.approx(0.4)
+
+
+def test_cli_reports_user_mistakes_without_a_traceback(tmp_path, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pt", str(tmp_path / "missing"), "-", str(tmp_path / "missing"), str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "no finished image table" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["pt", "x", "-", "x", str(tmp_path / "o"), "--noise", "1.5"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_prefect_flow_builds_table_4_and_reuses_finished_stages(noisy_colors, tmp_path):
+    from flows.pt import pt_flow
+
+    clean, _ = noisy_colors
+    out = str(tmp_path / "flow")
+    cfg = {"input_size": 16, "epochs": 1, "batch_size": 32, "turn_iters": 10, "pool_splits": ["pool"], "device": "cpu"}
+    first = pt_flow(clean, out, pool_uri=clean, noise_rates=[0.3], config=cfg)
+    assert [r["method"] for r in first["rows"]] == ["Fine-tune (baseline)", "Mean Teacher", "PT"]
+    pt_row = first["rows"][-1]
+    assert pt_row["forget_rate"] == pytest.approx(0.4) and "report" in pt_row
+    assert json.load(open(f"{out}/results.json"))["rows"] == first["rows"]
+    again = pt_flow(clean, out, pool_uri=clean, noise_rates=[0.3], config=cfg)  # all finished: reused
+    assert again["rows"] == first["rows"]
+    events = [json.loads(line)["event"] for line in open(f"{out}/ledger.jsonl")]
+    assert events.count("reused") == 8  # noise, 3 trainings, 3 evaluations, the PT report
+
+
+def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys):
+    from flows.cli import main
+
+    out = str(tmp_path / "syn")
+    opts = [x for kv in ("train_per_class=4", "test_per_class=2", "pool_size=24", "n_identities=3")
+            for x in ("--synthetic-option", kv)]
+    main(["pt", "synthetic", "synthetic", "synthetic", out, "--noise", "0.25", "--epochs", "1", "--size", "32",
+          "--batch-size", "8", *opts])
+    res = json.loads(open(f"{out}/results.json").read())["results"]
+    assert len(res) == 1 and res[0]["method"] == "PT" and res[0]["noise"] == 0.25
+    assert res[0]["report"]["png"] is None or res[0]["report"]["png"].endswith("filtered.png")
+    assert "filtered out by the teachers" in capsys.readouterr().err

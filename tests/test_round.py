@@ -1,0 +1,122 @@
+"""Integration: the full round on a local multi-node Ray cluster, kill-and-resume, through the CLI."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "pipeline": "round",
+    "labeled": {"format": "synthetic", "rows_per_shard": 64,
+                "options": {"size": 32, "train_per_class": 16, "test_per_class": 6, "pool_size": 60}},
+    "cross": [{"format": "synthetic", "rows_per_shard": 64,
+               "options": {"size": 32, "style": "b", "seed": 1, "train_per_class": 0, "test_per_class": 5, "pool_size": 0}}],
+    "align": {"size": 32},
+    "teacher": {"arch": "small_cnn", "input_size": 32, "epochs": 2, "batch_size": 32},
+    "attack": {"popsize": 8, "generations": 2},
+    "pasm": {"rounds": 1},
+    "mine": {"margin": 0.0, "splits": ["pool"]},
+    "distill": {"outer_steps": 5},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp / "prefect"),
+            "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head` plus one worker node, both on 127.0.0.1, as separate processes."""
+    import ray
+
+    ray.shutdown()  # the in-process test instance, if any; `ray stop` below ends every Ray process
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = _env(tmp)
+    port = _free_port()
+    ray_bin = str(BIN / "ray")
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                   env=env, check=True, capture_output=True)
+    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True, capture_output=True)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+def _write_config(tmp: Path, address: str, out: Path) -> Path:
+    cfg = {**TINY, "out": str(out), "ray": {"address": address, "workers": 2}}
+    p = tmp / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _ledger(out: Path) -> list[dict]:
+    p = out / "ledger.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def test_full_round_on_multinode_cluster_then_kill_and_resume(tmp_path, ray_cluster):
+    env = _env(tmp_path)
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path, ray_cluster, out)
+
+    # (b) start the round, kill it in the middle of the teacher's training, rerun.
+    proc = subprocess.Popen([str(BIN / "fermine"), "run", str(cfg)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    teacher_dir = None
+    while time.time() < deadline and proc.poll() is None:
+        started = [e for e in _ledger(out) if e["stage"] == "teacher" and e["event"] == "started"]
+        if started:
+            teacher_dir = Path(started[0]["uri"])
+            if (teacher_dir / "last.pt").exists():
+                break
+        time.sleep(0.2)
+    assert teacher_dir is not None and proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (teacher_dir / "_stage.json").exists()  # the killed stage does not look finished
+
+    done = subprocess.run([str(BIN / "fermine"), "run", str(cfg)], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = _ledger(out)
+    reused = {e["stage"] for e in events if e["event"] == "reused"}
+    assert {"ingest", "align"} <= reused  # finished stages were not redone
+    teacher_starts = [e for e in events if e["stage"] == "teacher" and e["event"] == "started"]
+    assert len(teacher_starts) == 2 and (teacher_dir / "_stage.json").exists()
+    hist = json.loads((teacher_dir / "metrics.json").read_text())
+    assert hist.get("resumed_from_epoch", 0) >= 1  # the killed stage resumed, it did not start over
+
+    # (a) the whole round ran on the cluster and produced its results table and report.
+    summary = json.loads((out / "results.json").read_text())
+    models = [r["model"] for r in summary["results"]]
+    for m in ("teacher", "pasm-r1", "random-erasing", "vas", "das"):
+        assert m in models
+    assert (out / "report.html").exists()
+    assert "teacher" in done.stdout and "report" in done.stdout
+
+    # A third run reuses everything.
+    again = subprocess.run([str(BIN / "fermine"), "run", str(cfg)], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    new = _ledger(out)[len(events):]
+    assert new and all(e["event"] == "reused" for e in new)

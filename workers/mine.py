@@ -1,0 +1,219 @@
+"""The mining job on Ray: actors that hold the primitive model stream the pool shard by shard.
+
+Built on workers.sharded.run_sharded (Ray actors over shards) rather than Ray Data ``map_batches``:
+each output shard is written by the actor, atomically, under its input shard's index, which is what
+gives exactly-once output and resume (a rerun or a restarted actor redoes only unfinished shards),
+and the driver never sees image bytes or features. Per actor: one model on its GPU (or CPU threads),
+one input shard in memory at a time, only the kept rows written back, so memory does not grow with
+the pool and the pool's feature matrix never exists anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, _fs, identity, join, shard_name
+from storage.schema import CLASSES, REJECTS_SCHEMA
+from tasks.centroids import checkpoint_digest, reuse_or_refuse
+from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, pool_columns
+from workers.cluster import RayConfig, connect
+from workers.sharded import PoolConfig, run_sharded
+
+IDENTITY_FILE = "_identity.json"  # written before the first shard: partial output from other settings is refused
+
+# Settings that change which rows are kept (the others only change speed).
+_RESULT_FIELDS = ("margin", "floor", "center", "splits", "input_size", "source_prefix", "amp")
+
+
+@dataclass(frozen=True)
+class MineResult:
+    uri: str
+    manifest: Manifest
+    counts: dict[str, int]  # kept rows per pseudo class (class name -> rows)
+    kept: int
+    examined: int  # pool rows considered (in the mined splits), decodable or not
+    rejected: int  # undecodable rows (listed in <uri>/rejects)
+    seconds: float  # wall time of this call (0 when an existing artifact was reused)
+    reused: bool
+
+    @property
+    def images_per_s(self) -> float:
+        return self.examined / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _class_name(k: int) -> str:
+    return CLASSES[k] if 0 <= k < len(CLASSES) else str(k)
+
+
+class _SummaryAtCommit(Mapping):
+    """Manifest extras computed when run_sharded commits, i.e. once every shard is written.
+
+    Counts come from the written shards (resumed ones included), not from progress callbacks, so a
+    run resumed after a crash reports the same counts as one that never stopped. The check below makes
+    an early evaluation fail loudly instead of committing partial counts.
+    """
+
+    def __init__(self, pool_uri: str, out_uri: str, splits: tuple[str, ...] | None, static: dict[str, Any]):
+        self.pool_uri, self.out_uri, self.splits, self.static = pool_uri, out_uri, splits, static
+        self._d: dict[str, Any] | None = None
+
+    def _compute(self) -> dict[str, Any]:
+        if self._d is not None:
+            return self._d
+        pool = Artifact(self.pool_uri)
+        w = ShardedWriter(self.out_uri)
+        done = w.done()
+        names = [shard_name(i) for i in range(pool.num_shards)]
+        if any(n not in done for n in names):
+            raise RuntimeError("mining summary requested before every shard was written")
+        counts: Counter[int] = Counter()
+        for n in names:
+            t = _read_parquet(self.out_uri, n, ["label"])
+            counts.update(int(v) for v in pc.drop_null(t.column("label")).to_pylist())
+        examined = _count_rows(pool, self.splits)
+        kept = sum(counts.values())
+        self._d = dict(self.static)
+        self._d.update({
+            "counts": {_class_name(k): counts.get(k, 0) for k in sorted(set(counts) | set(range(len(CLASSES))))},
+            "kept": kept, "examined": examined,
+            "kept_fraction": kept / examined if examined else 0.0,
+        })
+        return self._d
+
+    def __getitem__(self, key: str) -> Any:
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+
+def _read_parquet(uri: str, name: str, columns: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(join(uri, name))
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _count_rows(pool: Artifact, splits: tuple[str, ...] | None) -> int:
+    if splits is None or "split" not in pool.schema.names:
+        return len(pool)
+    n = 0
+    for i in range(pool.num_shards):  # one shard's split column at a time
+        col = pool.read_shard(i, ["split"]).column("split")
+        n += pc.sum(pc.is_in(col, value_set=pa.array(list(splits))).cast(pa.int64())).as_py() or 0
+    return n
+
+
+def default_pool(workers: int | None, cpus_per_worker: float | None, gpus_per_worker: float | None) -> PoolConfig:
+    """Actors for the connected cluster: one per GPU when there are GPUs, else one per 2 CPUs."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if workers is None:
+        workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else max(1, int(cpus // 2))
+    workers = max(1, workers)
+    if cpus_per_worker is None:
+        # On GPU nodes the CPUs feed the GPUs (decoding); on CPU nodes they run the model.
+        cpus_per_worker = max(1.0, min(8.0, cpus // workers)) if cpus >= workers else max(0.1, cpus / workers)
+    return PoolConfig(num_actors=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+
+
+def mine_pool(
+    checkpoint_uri: str,
+    centroids_uri: str,
+    pool_uri: str,
+    out_uri: str,
+    cfg: MineConfig = MineConfig(),
+    *,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    ray_cfg: RayConfig | None = None,
+    on_shard: Callable[[int, Any, int], None] | None = None,
+    max_retries: int = 3,
+) -> MineResult:
+    """Mine ``pool_uri`` (any image table) into the auxiliary samples table at ``out_uri``.
+
+    Resumable: rerunning with the same inputs and settings redoes only the shards not yet written, and
+    returns the finished artifact at once when there is one. ``on_shard(index, info, undecodable)``
+    is called on the driver as shards finish (progress).
+    """
+    pool = Artifact(pool_uri)
+    columns = pool_columns(pool.schema.names)
+    inputs = {"checkpoint": checkpoint_digest(checkpoint_uri), "centroids": Artifact(centroids_uri).digest,
+              "pool": pool.digest}
+    config = asdict(cfg)
+    ident = identity(STAGE, {k: config[k] for k in _RESULT_FIELDS}, inputs, CODE_VERSION)
+    if (m := reuse_or_refuse(out_uri, ident)) is not None:
+        return _result(out_uri, m, 0.0, True)
+    _claim(out_uri, ident)
+    connect(ray_cfg)
+    pc_ = default_pool(workers, cpus_per_worker, gpus_per_worker)
+    pc_ = replace(pc_, max_retries=max_retries)
+    run_cfg = cfg
+    if cfg.torch_threads is None and pc_.num_gpus == 0:
+        run_cfg = replace(run_cfg, torch_threads=max(1, int(pc_.num_cpus)))
+    if pc_.num_gpus > 0 and cfg.decode_threads <= 1:
+        run_cfg = replace(run_cfg, decode_threads=max(1, int(pc_.num_cpus) - 1))
+    factory = functools.partial(build_processor, checkpoint_uri, centroids_uri, run_cfg)
+    summary = _SummaryAtCommit(pool_uri, out_uri, cfg.splits, {
+        "identity": ident, "checkpoint": checkpoint_uri, "centroids": centroids_uri, "pool": pool_uri,
+        "actors": pc_.num_actors, "gpus_per_actor": pc_.num_gpus,
+    })
+    t0 = time.perf_counter()
+    m = run_sharded(pool_uri, out_uri, factory, stage=STAGE, config=config, inputs=inputs, pool=pc_,
+                    columns=columns, with_rejects=True, rejects_schema=REJECTS_SCHEMA, on_shard=on_shard,
+                    extra=summary)
+    return _result(out_uri, m, time.perf_counter() - t0, False)
+
+
+def _claim(out_uri: str, ident: str) -> None:
+    """Record which settings the shards in ``out_uri`` belong to; refuse a folder made with others."""
+    fs, path = _fs(out_uri)
+    p = f"{path}/{IDENTITY_FILE}"
+    if fs.exists(p):
+        old = json.loads(fs.cat_file(p)).get("identity")
+        if old != ident:
+            raise FileExistsError(
+                f"{out_uri} holds a partial mining run made with other inputs or settings; "
+                "delete it or choose another output to start over"
+            )
+        _reopen_rejects(out_uri)
+        return
+    if fs.exists(path) and fs.glob(f"{path}/part-*"):
+        raise FileExistsError(f"{out_uri} already holds shards not written by a mining run; choose another output")
+    fs.makedirs(path, exist_ok=True)
+    _reopen_rejects(out_uri)
+    with fs.open(p, "wb") as f:
+        f.write(json.dumps({"identity": ident}).encode())
+
+
+def _reopen_rejects(out_uri: str) -> None:
+    """A crash between the rejects' commit and the table's leaves a finished rejects artifact that
+    run_sharded would refuse to reopen; its shards stay, only its manifest is dropped (and rewritten)."""
+    fs, path = _fs(join(out_uri, "rejects"))
+    if fs.exists(f"{path}/{MANIFEST}"):
+        fs.rm(f"{path}/{MANIFEST}")
+
+
+def _result(uri: str, m: Manifest, seconds: float, reused: bool) -> MineResult:
+    ex = m.extra
+    return MineResult(uri=uri, manifest=m, counts=dict(ex.get("counts", {})), kept=int(ex.get("kept", m.rows)),
+                      examined=int(ex.get("examined", 0)), rejected=int(ex.get("rejects", 0)),
+                      seconds=seconds, reused=reused)
