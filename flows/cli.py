@@ -53,13 +53,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (unknown command/option) arrive here in non-standalone mode
+        if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """Click's usage-error class: typer >= 0.24 vendors click as ``typer._click``, older ones use click."""
+    classes: list[type] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(importlib.import_module(mod).ClickException)
+        except ImportError:
+            pass
+    return tuple(classes)
 
 
 if __name__ == "__main__":

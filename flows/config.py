@@ -45,7 +45,8 @@ class RunConfig(BaseModel):
     name: str = "round"
     out: str = "runs/round"  # run folder (any fsspec URI); stage outputs live under it
     seed: int = 0
-    pipeline: Literal["round", "pasm", "omni"] = "round"
+    pipeline: Literal["round", "pasm", "omni", "align", "evaluate"] = "round"
+    model: str | None = None  # checkpoint folder evaluated by pipeline "evaluate"
     ray: RaySection = Field(default_factory=RaySection)
     labeled: DataSource = Field(default_factory=DataSource)  # train + test splits
     pool: DataSource | None = None  # unlabeled pool for mining; None = the labeled source's "pool" split

@@ -10,14 +10,14 @@ so rerunning the flow after a failure or a kill redoes only the unfinished stage
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import fsspec
-from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows import steps
-from flows.config import RunConfig, load_config
+from flows.config import ConfigError, RunConfig, load_config
 from flows.prefect_tasks import stage
 from flows.results import ResultsTable, publish_results
 from flows.stage import Run
@@ -91,8 +91,8 @@ class Round:
 
     def pasm(self) -> None:
         c = self.cfg
-        pasm_cfg = steps.pasm_config(c.pasm)
         attack_cfg = steps.attack_config(c.attack, c.seed)
+        pasm_cfg = steps.pasm_config(c.pasm, self.teacher_cfg, attack_cfg)
         teacher = self.uris["teacher"]
         figure_rows: list[dict[str, str]] = []
         for r in range(1, pasm_cfg.rounds + 1):
@@ -109,7 +109,7 @@ class Round:
             figure_rows.append({"round": str(r), "erased": er.uri, "positions": att.uri})
             teacher = st.uri
         self.uris["pasm"] = teacher
-        if pasm_cfg.random_erasing_ablation:
+        if pasm_cfg.compare_random:
             rnd_cfg = steps.erase_config(pasm_cfg, random_position=True, seed=c.seed)
             er = stage(self.run, "erase-random", rnd_cfg, {"images": self.uris["labeled"]},
                        steps.erase_random(rnd_cfg, self.uris["labeled"]))
@@ -134,7 +134,7 @@ class Round:
         aux = stage(self.run, "mine", mine_cfg, {"model": primitive, "centroids": cent.uri, "pool": self.uris["pool"]},
                     steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray), ray=True)
         self.figures["mined"] = steps.first_png(aux.uri)
-        dist_cfg = steps.distill_config(c.distill, c.seed, self.teacher_cfg)
+        dist_cfg = steps.distill_config(c.distill, c.seed)
         dis = stage(self.run, "distill", dist_cfg, {"aux": aux.uri}, steps.distill(dist_cfg, aux.uri))
         self.figures["distilled"] = steps.first_png(dis.uri)
         for name, extra in (("vas", aux.uri), ("das", dis.uri)):
@@ -182,6 +182,25 @@ def omni_flow(config_path: str | None = None, overrides: list[str] | None = None
     return r.finish()
 
 
-FLOWS = {"round": round_flow, "pasm": pasm_flow, "omni": omni_flow}
+@flow(name="fermine-align", log_prints=True)
+def align_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """ingest -> align for the labeled set, the pool and the cross-data-set tests (no training)."""
+    r = Round(_load(config_path, overrides, cfg))
+    r.data()
+    return r.finish()
 
-__all__ = ["FLOWS", "Round", "omni_flow", "pasm_flow", "round_flow"]
+
+@flow(name="fermine-evaluate", log_prints=True)
+def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """ingest -> align -> evaluate the config's ``model`` checkpoint on the inner and cross test sets."""
+    r = Round(_load(config_path, overrides, cfg))
+    if not r.cfg.model:
+        raise ConfigError("pipeline 'evaluate' needs `model`: a checkpoint folder (--set model=PATH)")
+    r.data()
+    r.evaluate("model", r.cfg.model)
+    return r.finish()
+
+
+FLOWS = {"round": round_flow, "pasm": pasm_flow, "omni": omni_flow, "align": align_flow, "evaluate": evaluate_flow}
+
+__all__ = ["FLOWS", "Round", "align_flow", "evaluate_flow", "omni_flow", "pasm_flow", "round_flow"]

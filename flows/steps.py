@@ -7,11 +7,13 @@ lets every pipeline reuse the same stage bodies.
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
 import fsspec
 
-from flows.config import DataSource, RaySection, build_dataclass
+from flows.config import ConfigError, DataSource, RaySection, build_dataclass
 from storage.artifact import join
 
 StageFn = Callable[[str], Any]
@@ -36,16 +38,22 @@ def attack_config(overrides: Mapping[str, Any], seed: int):
     return build_dataclass(AttackConfig, {"seed": seed, **overrides}, "attack").validate()
 
 
-def pasm_config(overrides: Mapping[str, Any]):
+def pasm_config(overrides: Mapping[str, Any], teacher_cfg: Any, attack_cfg: Any):
+    """PASM's settings; its training and attack recipes are the run's teacher and attack sections."""
     from tasks.pasm import PasmConfig
 
-    return build_dataclass(PasmConfig, dict(overrides), "pasm")
+    for nested in ("train", "attack"):
+        if nested in overrides:
+            raise ConfigError(f"pasm.{nested}: set these in the run config's `{'teacher' if nested == 'train' else nested}` section")
+    cfg = build_dataclass(PasmConfig, dict(overrides), "pasm")
+    return replace(cfg, train=teacher_cfg, attack=attack_cfg).validate()
 
 
 def erase_config(pasm_cfg: Any, *, random_position: bool, seed: int):
     from tasks.pasm import erase_config_for
 
-    return erase_config_for(pasm_cfg, random_position=random_position, seed=seed)
+    return erase_config_for(pasm_cfg, random_position=random_position, seed=seed,
+                            image_size=pasm_cfg.train.input_size)
 
 
 def student_config(teacher_cfg: Any, pasm_cfg: Any, seed: int):
@@ -66,11 +74,28 @@ def mine_config(overrides: Mapping[str, Any]):
     return build_dataclass(MineConfig, dict(overrides), "mine")
 
 
-def distill_config(overrides: Mapping[str, Any], seed: int, teacher_cfg: Any):
+def distill_config(overrides: Mapping[str, Any], seed: int):
     from tasks.distill import DistillConfig
 
-    base = {"seed": seed, "image_size": teacher_cfg.input_size}
-    return build_dataclass(DistillConfig, {**base, **overrides}, "distill")
+    return build_dataclass(DistillConfig, {"seed": seed, **overrides}, "distill")
+
+
+def resolve_configs(cfg: Any) -> dict[str, Any]:
+    """Every stage config of a run, defaults filled in; raises ConfigError/ValueError before any work starts."""
+    teacher = train_config(cfg.teacher, cfg.seed, "teacher")
+    attack = attack_config(cfg.attack, cfg.seed)
+    if cfg.pipeline == "evaluate" and not cfg.model:
+        raise ConfigError("pipeline 'evaluate' needs `model`: a checkpoint folder (--set model=PATH)")
+    return {
+        "align": align_config(cfg.align),
+        "teacher": teacher,
+        "retrain": train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain"),
+        "attack": attack,
+        "pasm": pasm_config(cfg.pasm, teacher, attack),
+        "centroids": centroid_config({}),
+        "mine": mine_config(cfg.mine),
+        "distill": distill_config(cfg.distill, cfg.seed),
+    }
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -90,6 +115,41 @@ def first_png(uri: str) -> str | None:
     fs, path = fsspec.core.url_to_fs(uri)
     pngs = sorted(fs.glob(f"{path}/*.png"))
     return pngs[0] if pngs else None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect task-run logger inside a flow (lines show in the terminal and the UI), else ours."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # called outside a task run (tests, plain scripts)
+        return logging.getLogger("fermine.stage")
+
+
+def epoch_logger(name: str, total: int) -> Callable[[dict], None]:
+    """Progress for training stages: one line per finished epoch."""
+    log = _logger()
+
+    def cb(rec: dict) -> None:
+        extra = f", val acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
+        log.info("%s: epoch %d/%d, loss %.3f%s (%.0f s)", name, rec.get("epoch", 0), total,
+                 rec.get("loss", float("nan")), extra, rec.get("seconds", 0.0))
+
+    return cb
+
+
+def shard_logger(name: str, total: int) -> Callable[[int, Any, int], None]:
+    """Progress for Ray stages: one line per finished shard, with rows kept and rejected."""
+    log = _logger()
+    done = [0]
+
+    def cb(index: int, info: Any, rejected: int) -> None:
+        done[0] += 1
+        log.info("%s: shard %d done (%d/%d this run), %d rows, %d rejected", name, index, done[0], total,
+                 getattr(info, "rows", 0), rejected)
+
+    return cb
 
 
 def _ray(section: RaySection) -> None:
@@ -122,8 +182,11 @@ def align(cfg: Any, in_uri: str, ray_section: RaySection) -> StageFn:
     def fn(out: str) -> None:
         from workers.align import align_artifact
 
+        from storage.artifact import Artifact
+
         _ray(ray_section)
-        align_artifact(in_uri, out, cfg, pool=_pool(ray_section, gpu=False))
+        align_artifact(in_uri, out, cfg, pool=_pool(ray_section, gpu=False),
+                       on_shard=shard_logger("align", Artifact(in_uri).num_shards))
 
     return fn
 
@@ -132,7 +195,7 @@ def train(cfg: Any, uris: Sequence[str], teacher_uri: str | None = None) -> Stag
     def fn(out: str) -> None:
         from tasks.train import train as run_train
 
-        run_train(cfg, list(uris), out)
+        run_train(cfg, list(uris), out, progress=epoch_logger("train", cfg.epochs))
 
     return fn
 
@@ -156,8 +219,11 @@ def attack(cfg: Any, teacher_uri: str, table_uri: str, ray_section: RaySection) 
     def fn(out: str) -> None:
         from workers.attack import attack_artifact
 
+        from storage.artifact import Artifact
+
         _ray(ray_section)
-        attack_artifact(teacher_uri, table_uri, out, cfg, pool=_pool(ray_section, gpu=True))
+        attack_artifact(teacher_uri, table_uri, out, cfg, pool=_pool(ray_section, gpu=True),
+                        on_shard=shard_logger("attack", Artifact(table_uri).num_shards))
 
     return fn
 
@@ -184,7 +250,8 @@ def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, tea
     def fn(out: str) -> None:
         from tasks.pasm import train_student
 
-        train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out)
+        train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out,
+                      progress=epoch_logger("student", train_cfg.epochs))
 
     return fn
 
@@ -211,15 +278,18 @@ def centroids(cfg: Any, model_uri: str, labeled_uri: str) -> StageFn:
 
 def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_section: RaySection) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.mined_figure import mined_figure
+        from tasks.mined_figure import mined_grid
         from workers.mine import mine_pool
+
+        from storage.artifact import Artifact
 
         _ray(ray_section)
         mine_pool(model_uri, centroids_uri, pool_uri, out, cfg, workers=ray_section.workers,
                   cpus_per_worker=ray_section.cpus_per_worker,
-                  gpus_per_worker=ray_section.gpus_per_worker or None)
+                  gpus_per_worker=ray_section.gpus_per_worker or None,
+                  on_shard=shard_logger("mine", Artifact(pool_uri).num_shards))
         fs, path = fsspec.core.url_to_fs(out)
-        mined_figure(out, f"{path}/mined-samples.png")
+        mined_grid(out, f"{path}/mined-samples.png")
 
     return fn
 
@@ -228,7 +298,13 @@ def distill(cfg: Any, table_uri: str) -> StageFn:
     def fn(out: str) -> None:
         from tasks.distill import distill as run_distill
 
-        run_distill(cfg, table_uri, out)
+        log, every = _logger(), max(1, cfg.outer_steps // 10)
+
+        def progress(rec: dict) -> None:
+            if rec["step"] % every == 0:
+                log.info("distill: step %d, loss %.3f, real acc %.3f", rec["step"], rec["loss"], rec["real_acc"])
+
+        run_distill(table_uri, out, cfg, progress=progress)
 
     return fn
 

@@ -139,6 +139,7 @@ def make_detector(threads: int = 1) -> Detector:
     other TensorFlow use in the process; later calls keep whatever pools exist.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _load_triton_before_tensorflow()
     import tensorflow as tf
 
     try:
@@ -149,6 +150,19 @@ def make_detector(threads: int = 1) -> Detector:
     from mtcnn import MTCNN
 
     return MTCNN(device="CPU:0")
+
+
+def _load_triton_before_tensorflow() -> None:
+    """Import triton (torch's compiler backend) ahead of TensorFlow when it is installed.
+
+    Both bundle LLVM; once TensorFlow is loaded, the first ``import triton`` (which torch does
+    lazily, e.g. when an optimizer is built) segfaults the process. Loaded first, both coexist,
+    so detection and training can share one process (``fermine predict``, the test suite).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 def template(size: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch
 
 from storage.artifact import Artifact, ArtifactWriter, Manifest, identity, is_finished
 from storage.schema import CLASSES
+from tasks.train import resolve_device
 
 STAGE = "centroids"
 CODE_VERSION = "centroids-1"
@@ -48,12 +49,6 @@ class CentroidConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def checkpoint_digest(checkpoint_uri: str) -> str:

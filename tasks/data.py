@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from storage.artifact import Artifact
@@ -84,7 +85,7 @@ def load_image_set(uri: str, size: int, splits: Sequence[str] | None = None, lim
     n = 0
     for batch in art.iter_batches(columns=cols, batch_size=512):
         if splits is not None:
-            mask = pa.compute.is_in(batch.column("split"), value_set=pa.array(list(splits)))
+            mask = pc.is_in(batch.column("split"), value_set=pa.array(list(splits)))
             batch = batch.filter(mask)
         if limit is not None:
             batch = batch.slice(0, max(0, limit - n))

@@ -367,7 +367,6 @@ def pt_step(
 
     ``t`` is the iteration number after incrementing (1 for the first batch).
     """
-    device = xl.device
     x = xl if xu is None or xu.shape[0] == 0 else torch.cat([xl, xu])
     nl = xl.shape[0]
     ratio = selection_ratio(t, forget_rate, cfg.turn_iters, cfg.ratio)

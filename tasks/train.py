@@ -311,11 +311,15 @@ class _StreamSource:
         self.dataset = ShardStream(shards, cfg.input_size, cfg.train_splits, cfg.batch_size, cfg.seed,
                                    cfg.shuffle_buffer, cfg.num_classes)
         self.num_workers = num_workers
-        if num_workers:
-            self.dataset.shared_epoch = torch.multiprocessing.Value("q", 0)
+        # Spawned, not forked: a child forked from a process whose OpenCV, TensorFlow or Ray threads
+        # are running inherits their locks held and hangs in its first cv2 call (seen with cv2's pool).
+        ctx = torch.multiprocessing.get_context("spawn") if num_workers else None
+        if ctx is not None:
+            self.dataset.shared_epoch = ctx.Value("q", 0)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if num_workers else None, persistent_workers=num_workers > 0,
+            multiprocessing_context=ctx,
         )
         self.batch_size = cfg.batch_size
         self.n = rows
@@ -627,6 +631,7 @@ def train(
         plot_confusion(ev.confusion, classes, f"{out_uri.rstrip('/')}/val_confusion.png",
                        title=f"validation ({', '.join(cfg.val_splits)}) acc {ev.accuracy:.3f}")
     metrics = {"final": final, "history": history, "config": cfg.to_dict(), "train_uris": uris,
+               "resumed_from_epoch": int(saved["epoch"]) if saved is not None else 0,
                "val_uri": val_uri, "teacher": teacher is not None, "init_from": init_from}
     atomic_write_bytes(f"{out_uri.rstrip('/')}/metrics.json", dumps_json(metrics).encode())
     from tasks.plots import plot_curves

@@ -1,6 +1,5 @@
 import json
 
-import fsspec
 import pyarrow as pa
 import pytest
 

@@ -306,6 +306,48 @@ def test_ray_stage_matches_in_process_and_resumes(tmp_path, ray_local):
     assert again.reused and again.manifest.digest == run.manifest.digest
 
 
+def _dying_attack_factory(checkpoint_uri, cfg, marker):
+    """The real attack processor, in a worker that SIGKILLs itself once, mid-shard (work done, nothing written)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from workers.attack import attack_factory
+
+    attack = attack_factory(checkpoint_uri, cfg, threads=1)
+
+    def fn(table):
+        out = attack(table)
+        if not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    return fn
+
+
+def test_killed_ray_worker_mid_shard_leaves_every_row_exactly_once(tmp_path, ray_local):
+    import functools
+
+    from tasks.attack import REJECTS_TABLE_SCHEMA
+    from workers.sharded import PoolConfig, run_sharded
+
+    table = _table(tmp_path / "t", n=12, per_shard=4)
+    teacher = _teacher(tmp_path / "teacher")
+    local = str(tmp_path / "local")
+    attack_table(teacher, table, local, TINY)
+    marker = tmp_path / "killed.pid"
+    out = str(tmp_path / "ray")
+    run_sharded(table, out, functools.partial(_dying_attack_factory, teacher, TINY, str(marker)), stage="attack",
+                config={}, pool=PoolConfig(num_actors=2), columns=["id", "image", "label", "split"],
+                with_rejects=True, rejects_schema=REJECTS_TABLE_SCHEMA)
+    assert marker.exists()  # a worker really died mid-shard
+    got, want = Artifact(out).read(), Artifact(local).read()
+    assert got["id"].to_pylist() == want["id"].to_pylist()  # every row once, none lost, none twice
+    for col in ("x", "y", "r", "g", "b"):
+        assert got[col].to_pylist() == want[col].to_pylist()
+
+
 def test_cli_attack(tmp_path, capsys):
     from flows.cli import main
 

@@ -1,4 +1,3 @@
-import json
 
 import pytest
 
@@ -92,3 +91,19 @@ def test_build_dataclass_rejects_unknown_and_bad_types():
         build_dataclass(C, {"epochz": 1}, "teacher")
     with pytest.raises(ConfigError, match="teacher.lr"):
         build_dataclass(C, {"lr": "fast"}, "teacher")
+
+
+def test_packaged_configs_resolve_and_run_refuses_bad_settings_before_starting(capsys):
+    from flows.cli import main
+    from flows.config import packaged_config
+    from flows.steps import resolve_configs
+
+    for name in ("demo", "round"):
+        stages = resolve_configs(load_config(packaged_config(name)))
+        assert stages["pasm"].train == stages["teacher"]  # PASM trains with the run's teacher recipe
+    for bad, why in ((["teacher.epoch=3"], "unknown setting"), (["pipeline=evaluate"], "needs `model`"),
+                     (["pasm.rounds=0"], "rounds must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(packaged_config("demo")), *[f"--set={s}" for s in bad]])
+        assert e.value.code == 2
+        assert why in capsys.readouterr().err

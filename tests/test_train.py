@@ -104,6 +104,8 @@ def test_resume_is_identical_to_an_uninterrupted_run(table, tmp_path):
     epochs_run = []
     resumed = train(cfg, [table], str(tmp_path / "killed"), progress=lambda d: epochs_run.append(d["epoch"]))
     assert epochs_run == [2]
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["resumed_from_epoch"] == 1
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["resumed_from_epoch"] == 0
     _same_weights(load_checkpoint(str(tmp_path / "full"))[0].state_dict(),
                   load_checkpoint(str(tmp_path / "killed"))[0].state_dict())
     assert _strip_timing(resumed.history) == _strip_timing(full.history)
@@ -147,7 +149,7 @@ def test_teacher_term_changes_training_and_beta_zero_equals_plain_ce(table, tmp_
     torch.manual_seed(9)
     teacher = build_model("small_cnn")
     plain = train(TrainConfig(epochs=1, **FAST), [table], str(tmp_path / "plain"))
-    zero = train(TrainConfig(epochs=1, beta=0.0, **FAST), [table], str(tmp_path / "zero"), teacher=teacher)
+    train(TrainConfig(epochs=1, beta=0.0, **FAST), [table], str(tmp_path / "zero"), teacher=teacher)
     guided = train(TrainConfig(epochs=1, beta=0.5, **FAST), [table], str(tmp_path / "guided"), teacher=teacher)
     w = {k: load_checkpoint(str(tmp_path / k))[0].state_dict() for k in ("plain", "zero", "guided")}
     _same_weights(w["plain"], w["zero"])

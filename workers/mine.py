@@ -14,14 +14,13 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, _fs, identity, join, shard_name
+from storage.artifact import Artifact, Manifest, _fs, identity, join, shard_name
 from storage.schema import CLASSES, REJECTS_SCHEMA
 from tasks.centroids import checkpoint_digest, reuse_or_refuse
 from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, pool_columns
@@ -54,49 +53,25 @@ def _class_name(k: int) -> str:
     return CLASSES[k] if 0 <= k < len(CLASSES) else str(k)
 
 
-class _SummaryAtCommit(Mapping):
-    """Manifest extras computed when run_sharded commits, i.e. once every shard is written.
+def _summary(pool_uri: str, out_uri: str, splits: tuple[str, ...] | None, static: dict[str, Any]) -> dict[str, Any]:
+    """Manifest extras, computed by run_sharded once every shard is written.
 
     Counts come from the written shards (resumed ones included), not from progress callbacks, so a
-    run resumed after a crash reports the same counts as one that never stopped. The check below makes
-    an early evaluation fail loudly instead of committing partial counts.
+    run resumed after a crash reports the same counts as one that never stopped.
     """
-
-    def __init__(self, pool_uri: str, out_uri: str, splits: tuple[str, ...] | None, static: dict[str, Any]):
-        self.pool_uri, self.out_uri, self.splits, self.static = pool_uri, out_uri, splits, static
-        self._d: dict[str, Any] | None = None
-
-    def _compute(self) -> dict[str, Any]:
-        if self._d is not None:
-            return self._d
-        pool = Artifact(self.pool_uri)
-        w = ShardedWriter(self.out_uri)
-        done = w.done()
-        names = [shard_name(i) for i in range(pool.num_shards)]
-        if any(n not in done for n in names):
-            raise RuntimeError("mining summary requested before every shard was written")
-        counts: Counter[int] = Counter()
-        for n in names:
-            t = _read_parquet(self.out_uri, n, ["label"])
-            counts.update(int(v) for v in pc.drop_null(t.column("label")).to_pylist())
-        examined = _count_rows(pool, self.splits)
-        kept = sum(counts.values())
-        self._d = dict(self.static)
-        self._d.update({
-            "counts": {_class_name(k): counts.get(k, 0) for k in sorted(set(counts) | set(range(len(CLASSES))))},
-            "kept": kept, "examined": examined,
-            "kept_fraction": kept / examined if examined else 0.0,
-        })
-        return self._d
-
-    def __getitem__(self, key: str) -> Any:
-        return self._compute()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._compute())
-
-    def __len__(self) -> int:
-        return len(self._compute())
+    pool = Artifact(pool_uri)
+    counts: Counter[int] = Counter()
+    for i in range(pool.num_shards):
+        t = _read_parquet(out_uri, shard_name(i), ["label"])
+        counts.update(int(v) for v in pc.drop_null(t.column("label")).to_pylist())
+    examined = _count_rows(pool, splits)
+    kept = sum(counts.values())
+    return {
+        **static,
+        "counts": {_class_name(k): counts.get(k, 0) for k in sorted(set(counts) | set(range(len(CLASSES))))},
+        "kept": kept, "examined": examined,
+        "kept_fraction": kept / examined if examined else 0.0,
+    }
 
 
 def _read_parquet(uri: str, name: str, columns: list[str]) -> pa.Table:
@@ -172,7 +147,7 @@ def mine_pool(
     if pc_.num_gpus > 0 and cfg.decode_threads <= 1:
         run_cfg = replace(run_cfg, decode_threads=max(1, int(pc_.num_cpus) - 1))
     factory = functools.partial(build_processor, checkpoint_uri, centroids_uri, run_cfg)
-    summary = _SummaryAtCommit(pool_uri, out_uri, cfg.splits, {
+    summary = functools.partial(_summary, pool_uri, out_uri, cfg.splits, {
         "identity": ident, "checkpoint": checkpoint_uri, "centroids": centroids_uri, "pool": pool_uri,
         "actors": pc_.num_actors, "gpus_per_actor": pc_.num_gpus,
     })
@@ -194,22 +169,12 @@ def _claim(out_uri: str, ident: str) -> None:
                 f"{out_uri} holds a partial mining run made with other inputs or settings; "
                 "delete it or choose another output to start over"
             )
-        _reopen_rejects(out_uri)
         return
     if fs.exists(path) and fs.glob(f"{path}/part-*"):
         raise FileExistsError(f"{out_uri} already holds shards not written by a mining run; choose another output")
     fs.makedirs(path, exist_ok=True)
-    _reopen_rejects(out_uri)
     with fs.open(p, "wb") as f:
         f.write(json.dumps({"identity": ident}).encode())
-
-
-def _reopen_rejects(out_uri: str) -> None:
-    """A crash between the rejects' commit and the table's leaves a finished rejects artifact that
-    run_sharded would refuse to reopen; its shards stay, only its manifest is dropped (and rewritten)."""
-    fs, path = _fs(join(out_uri, "rejects"))
-    if fs.exists(f"{path}/{MANIFEST}"):
-        fs.rm(f"{path}/{MANIFEST}")
 
 
 def _result(uri: str, m: Manifest, seconds: float, reused: bool) -> MineResult:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage.artifact import Artifact, Manifest, ShardedWriter, ShardInfo, join, shard_name
+from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, ShardInfo, _fs, join, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,21 @@ def run_sharded(
     with_rejects: bool = False,
     rejects_schema: pa.Schema | None = None,
     on_shard: Callable[[int, ShardInfo, int], None] | None = None,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
 ) -> Manifest:
     """Process every shard of ``in_uri`` not yet in ``out_uri`` and commit ``out_uri``.
 
     ``on_shard(index, info, rejected_rows)`` is called on the driver as shards finish (progress).
+    ``extra`` (or ``extra()``, evaluated once every shard is written) goes into the manifest.
     Requires ray to be initialised (see workers.cluster.connect).
     """
     src = Artifact(in_uri)
     writer = ShardedWriter(out_uri)
+    # A crash between the rejects' commit and the table's leaves a finished rejects artifact:
+    # its shards are kept, its manifest is dropped and rewritten below.
+    rej_fs, rej_path = _fs(join(out_uri, REJECTS))
+    if rej_fs.exists(f"{rej_path}/{MANIFEST}"):
+        rej_fs.rm(f"{rej_path}/{MANIFEST}")
     names = [shard_name(i) for i in range(src.num_shards)]
     done = writer.done()
     todo = [i for i, n in enumerate(names) if n not in done]
@@ -111,6 +117,7 @@ def run_sharded(
                 queue.append(i)
                 if isinstance(e, RayActorError):
                     actor = ShardActor.options(**actor_opts).remote(factory)
+                    actors.append(actor)  # so the finally below ends it too
                 idle.append(actor)
                 continue
             idle.append(actor)
@@ -127,7 +134,7 @@ def run_sharded(
             if n not in rdone:
                 rw.write_shard(n, (rejects_schema or pa.schema([("id", pa.string()), ("reason", pa.string())])).empty_table())
         rejected = rw.commit(f"{stage}.rejects", config, inputs, names).rows
-    ex = dict(extra or {})
+    ex = dict((extra() if callable(extra) else extra) or {})
     if with_rejects:
         ex["rejects"] = rejected
     return writer.commit(stage, config, inputs, names, ex)

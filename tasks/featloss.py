@@ -1,0 +1,769 @@
+"""Handcrafted feature losses with adaptive loss weighting (handcrafted_feature_losses.md, Xie et al.).
+
+Network (Fig. 3): conv blocks -> z (the backbone's pooled output) -> FC1 -> x -> FC2 -> logits.
+Losses (Eq. 1, 5): SoftMax L_S (class balanced, Eq. 13-14), Center loss L_C on x, and the feature
+losses L_F1(z) = 1/p sum ||z_i - ||z_i|| h_i||_p^p and L_F2(x) likewise with g_i, where h_i, g_i are
+the L2-normalised handcrafted features (Eq. 2, tasks.handcrafted). The feature-loss weights decay
+by rho every epoch (Eq. 6).
+
+Two features on x (GSF and SIFT, Eq. 8-11, Fig. 4, Algorithm 1):
+- branched: two FC1 -> FC2 branches on the shared z, each with its own SoftMax, Center and feature
+  loss; the prediction averages the branches' probabilities.
+- alternative: one FC1 whose output is split x = (x_1, x_2), x_k constrained by feature k, one FC2.
+- weights (lambda_1, lambda_2), lambda_1 + lambda_2 = 2, scale the two feature losses (Eq. 9). Fixed
+  weighting keeps (1, 1). Adaptive weighting trains in rounds of ``round_epochs`` epochs (MaxIter of
+  Algorithm 1) and after each round amplifies by gamma the weight of the loss whose validation
+  objective obj_k = acc_k - kappa / sqrt(#x_k) ||x_k||_1 (Eq. 11, x_k L2-normalised) is larger, then
+  renormalises to sum 2 (Eq. 10). Branched: acc_k is branch k's accuracy after the round.
+  Alternative: two extra trial trainings from the round's starting model with weights (1, 0) and
+  (0, 1) give obj_1 and obj_2 (acc_k with the other component of x masked to 0, Fig. 4c-d); the
+  weights are updated, then the round is trained with them (Algorithm 1 lines 17-21: 3x the cost).
+
+Test time (Eq. 12): probabilities of the five crops (centre + four corners, Fig. 2c) and their
+mirrors are summed and the arg max is the label. Training uses the same crops and mirrors as
+augmentation; a mirrored view is guided by the mirrored image's handcrafted features.
+
+Choices the paper leaves open (documented, configurable in :class:`FeatLossConfig`):
+- Losses are means over the batch (the paper sums over samples in Caffe, with lambda_F = 1e-6 on
+  12800-D targets); the default weights are set for these means on small CPU models.
+- Eq. 7's gradient of L_F is z - ||z|| h (p = 2) or the sign of it (p = 1): ||z_i|| h_i is a fitting
+  target, so its norm is detached from the graph.
+- The class-balanced SoftMax is mean_i K w_{y_i} CE_i with w from Eq. 13 (K = #classes): for a
+  balanced set K w = 1 and it equals the plain cross-entropy, so weights need no retuning.
+- Centers follow Wen et al.'s update c_j -= alpha sum_{y_i = j}(c_j - x_i) / (1 + n_j) per batch.
+- The paper's backbone is a face-recognition ResNet with z of 512 x 5 x 5 = the GABOR dimension.
+  Any registered backbone works here: a linear projection head maps z to the GABOR dimension and
+  L_F1 constrains the projection (the "feature-loss projection head"); FC1's width is the GSF/SIFT
+  dimension, so L_F2 acts on x itself as in the paper.
+- The learning rate follows a cosine schedule over the epochs; trial trainings use the same epochs'
+  rates and feature-weight decay as the round they stand in for.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("fermine.featloss")
+
+STRUCTURES = ("single", "branched", "alternative")
+FEATURE_KINDS = ("gabor", "gsf", "sift")
+MODEL_FILE = "model.pt"
+META_FILE = "featloss.json"
+STATE_FILE = "last.pt"
+
+# Rows of the comparison table: name -> overrides of the base config.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "none": {"z_feature": None, "x_features": (), "structure": "single", "adaptive": False},
+    "gabor": {"z_feature": "gabor", "x_features": (), "structure": "single", "adaptive": False},
+    "gsf": {"z_feature": None, "x_features": ("gsf",), "structure": "single", "adaptive": False},
+    "sift": {"z_feature": None, "x_features": ("sift",), "structure": "single", "adaptive": False},
+    "fixed": {"z_feature": None, "x_features": ("gsf", "sift"), "structure": "alternative", "adaptive": False},
+    "adaptive": {"z_feature": None, "x_features": ("gsf", "sift"), "structure": "alternative", "adaptive": True},
+    "branched-fixed": {"z_feature": None, "x_features": ("gsf", "sift"), "structure": "branched", "adaptive": False},
+    "branched-adaptive": {"z_feature": None, "x_features": ("gsf", "sift"), "structure": "branched", "adaptive": True},
+}
+DEFAULT_VARIANTS = ("none", "gabor", "gsf", "sift", "fixed", "adaptive")
+VARIANT_TITLES = {
+    "none": "no feature loss (SoftMax + Center)",
+    "gabor": "GABOR loss on z",
+    "gsf": "GSF loss on x",
+    "sift": "SIFT loss on x",
+    "fixed": "GSF + SIFT, alternative, fixed weights (ALFW)",
+    "adaptive": "GSF + SIFT, alternative, adaptive weights (ALAW)",
+    "branched-fixed": "GSF + SIFT, branched, fixed weights (BLFW)",
+    "branched-adaptive": "GSF + SIFT, branched, adaptive weights (BLAW)",
+}
+
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "FeatLossConfig",
+    "FeatLossNet",
+    "FeatLossResult",
+    "VARIANTS",
+    "amplify_weights",
+    "center_loss",
+    "class_balance_weights",
+    "crop_views",
+    "decayed_weight",
+    "evaluate_featloss",
+    "feature_loss",
+    "five_crop_offsets",
+    "load_featloss_model",
+    "softmax_loss",
+    "sparsity_objective",
+    "train_featloss",
+    "update_centers",
+    "variant_config",
+    "vote",
+]
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class FeatLossConfig:
+    """One training run. Paper values (Table I) in comments where ours differ for tiny CPU runs."""
+
+    arch: str = "small_cnn"  # backbone (tasks.models registry); paper: a face-recognition ResNet
+    num_classes: int = 7
+    input_size: int = 48  # crop side fed to the network (paper: 227)
+    load_size: int = 54  # images are decoded at this side, five crops of input_size are cut (paper: 256)
+    epochs: int = 8
+    round_epochs: int = 2  # MaxIter of Algorithm 1: epochs between weight updates (adaptive weighting)
+    batch_size: int = 32  # paper: 64
+    lr: float = 0.01  # SGD, cosine-annealed over the epochs (paper: 5e-3)
+    momentum: float = 0.9  # paper: 0.8
+    weight_decay: float = 5e-4
+    fc1_dim: int = 128  # FC1 width when no feature loss constrains x (else the feature's dimension)
+    z_feature: str | None = None  # feature of L_F1 on z: "gabor" (or gsf/sift), None = no L_F1
+    x_features: tuple[str, ...] = ()  # features on x: () none, (k,) L_F2, (k1, k2) branched/alternative
+    structure: str = "single"  # single | branched | alternative (two x features)
+    adaptive: bool = False  # adaptive weighting (Eq. 10-11); False = fixed weights (1, 1)
+    norm: int = 2  # p of Eq. 1: 1 or 2 (paper's choice: 2, Table V)
+    lambda_c: float = 8e-3  # Center loss weight (paper: 8e-3)
+    lambda_f1: float = 0.05  # L_F1 weight at epoch 0 (paper: 1e-6 on summed 12800-D losses)
+    lambda_f2: float = 0.05  # L_F2 weight at epoch 0 (paper: 1e-6)
+    lambda_b: float = 0.05  # base weight of the two feature losses of Eq. 9 (paper: 1e-6)
+    rho: float = 0.9  # per-epoch decay of lambda_f1, lambda_f2, lambda_b (Eq. 6; paper 0.98 over many more epochs)
+    gamma: float = 1.2  # amplification of Eq. 10 (paper: 1.2 FER2013, 1.05 others)
+    kappa: float = 1e-5  # sparsity coefficient of Eq. 11 (paper: 1e-5)
+    eps: float = 1e-8  # tie tolerance of Eq. 10 (paper: 1e-8)
+    center_alpha: float = 0.5  # center update rate (Wen et al.)
+    class_balanced: bool = True  # SoftMax weights of Eq. 13-14
+    five_crop: bool = True  # five-crop training augmentation and test-time voting (Eq. 12); False: centre crop
+    hflip: bool = True  # random mirror in training, mirrored views in voting
+    train_splits: tuple[str, ...] = ("train",)
+    val_splits: tuple[str, ...] = ("val",)  # validation rows for adaptive weighting (and per-round logging)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "x_features", tuple(self.x_features))
+        object.__setattr__(self, "train_splits", tuple(self.train_splits))
+        object.__setattr__(self, "val_splits", tuple(self.val_splits))
+        problems = []
+        if self.structure not in STRUCTURES:
+            problems.append(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        for k in (*self.x_features, *([self.z_feature] if self.z_feature else [])):
+            if k not in FEATURE_KINDS:
+                problems.append(f"unknown handcrafted feature {k!r}; choose from {', '.join(FEATURE_KINDS)}")
+        if self.structure == "single" and len(self.x_features) > 1:
+            problems.append("two x features need structure 'branched' or 'alternative'")
+        if self.structure != "single" and len(self.x_features) != 2:
+            problems.append(f"structure {self.structure!r} needs exactly two x features (e.g. gsf, sift), "
+                            f"got {list(self.x_features)}")
+        if self.adaptive and self.structure == "single":
+            problems.append("adaptive weighting balances two feature losses: use structure branched or alternative")
+        if self.norm not in (1, 2):
+            problems.append(f"norm must be 1 or 2, got {self.norm}")
+        if self.input_size < 16 or self.load_size < self.input_size:
+            problems.append(f"need input_size >= 16 and load_size >= input_size, got {self.input_size}, {self.load_size}")
+        if self.epochs < 1 or self.round_epochs < 1 or self.batch_size < 2:
+            problems.append("epochs >= 1, round_epochs >= 1 and batch_size >= 2 are required")
+        if not 0 < self.rho <= 1:
+            problems.append(f"rho must be in (0, 1], got {self.rho}")
+        if self.gamma < 1:
+            problems.append(f"gamma must be >= 1 (it amplifies the better loss), got {self.gamma}")
+        if self.lr <= 0 or min(self.lambda_c, self.lambda_f1, self.lambda_f2, self.lambda_b, self.kappa) < 0:
+            problems.append("lr must be > 0 and the loss weights and kappa >= 0")
+        if self.num_classes < 2 or self.fc1_dim < 1:
+            problems.append("num_classes >= 2 and fc1_dim >= 1 are required")
+        if not self.train_splits:
+            problems.append("train_splits must name at least one split")
+        if problems:
+            raise ValueError("invalid FeatLossConfig: " + "; ".join(problems))
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Every handcrafted feature this run needs."""
+        return tuple(dict.fromkeys([*([self.z_feature] if self.z_feature else []), *self.x_features]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def variant_config(name: str, base: FeatLossConfig | None = None) -> FeatLossConfig:
+    """The config of a comparison row (``VARIANTS``) on top of ``base``'s training settings."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return dataclasses.replace(base or FeatLossConfig(), **VARIANTS[name])
+
+
+# ---------------------------------------------------------------- the equations
+
+
+def class_balance_weights(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Eq. 13: w_i = (1 / #S_i) / sum_j (1 / #S_j); classes without samples get 0 (and are left out of the sum)."""
+    c = np.asarray(counts, dtype=np.float64)
+    inv = np.where(c > 0, 1.0 / np.maximum(c, 1), 0.0)
+    if inv.sum() <= 0:
+        raise ValueError("class_balance_weights: no class has samples")
+    return inv / inv.sum()
+
+
+def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 14 as a batch mean: mean_i K w_{y_i} CE_i (plain cross-entropy without weights)."""
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    if class_weights is None:
+        return ce.mean()
+    return (ce * class_weights[labels] * class_weights.numel()).mean()
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: h = e / ||e||_2 per row (zero rows stay zero)."""
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def feature_loss(v: torch.Tensor, target: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Eq. 1: 1/p mean_i ||v_i - ||v_i||_2 h_i||_p^p, h_i = target_i / ||target_i||_2 (Eq. 2).
+
+    ||v_i|| h_i is the fitting target (its norm is detached), so the gradient w.r.t. v_i is Eq. 7's
+    v_i - ||v_i|| h_i (p = 2) or its sign (p = 1), divided by the batch size.
+    """
+    if v.shape != target.shape:
+        raise ValueError(f"feature loss: deep feature {tuple(v.shape)} and handcrafted feature "
+                         f"{tuple(target.shape)} differ in shape")
+    r = v - v.norm(dim=1, keepdim=True).detach() * _unit(target)
+    if p == 2:
+        return 0.5 * r.pow(2).sum(dim=1).mean()
+    if p == 1:
+        return r.abs().sum(dim=1).mean()
+    raise ValueError(f"p must be 1 or 2, got {p}")
+
+
+def center_loss(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: L_C = 1/2 mean_i ||x_i - c_{y_i}||^2 (centers are not trained by backprop, see update_centers)."""
+    return 0.5 * (x - centers[labels].detach()).pow(2).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def update_centers(centers: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Wen et al.: c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j), in place; returns centers."""
+    x = x.detach().to(centers.dtype)
+    k = centers.shape[0]
+    n = torch.bincount(labels, minlength=k).to(centers.dtype)
+    sums = torch.zeros_like(centers).index_add_(0, labels, x)
+    delta = (n[:, None] * centers - sums) / (1.0 + n[:, None])
+    centers -= alpha * delta
+    return centers
+
+
+def decayed_weight(lam0: float, rho: float, epoch: int) -> float:
+    """Eq. 6 unrolled: lambda^(t) = rho^t lambda^(0)."""
+    return float(lam0) * float(rho) ** int(epoch)
+
+
+def amplify_weights(lambdas: tuple[float, float], obj1: float, obj2: float, gamma: float,
+                    eps: float = 1e-8) -> tuple[float, float]:
+    """Eq. 10: amplify by gamma the weight of the better objective (beyond eps), then renormalise to sum 2."""
+    l1, l2 = float(lambdas[0]), float(lambdas[1])
+    if obj1 > obj2 + eps:
+        l1 *= gamma
+    elif obj1 + eps < obj2:
+        l2 *= gamma
+    s = l1 + l2
+    if s <= 0:
+        raise ValueError(f"loss weights {lambdas} must not both be 0")
+    return 2 * l1 / s, 2 * l2 / s
+
+
+def sparsity_objective(accuracy: float, x: torch.Tensor | np.ndarray, kappa: float) -> float:
+    """Eq. 11: acc - kappa / sqrt(#x) ||x||_1 with x L2-normalised per sample (averaged over samples)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected an (N, d) feature matrix with N >= 1, got {tuple(x.shape)}")
+    l1 = _unit(x).abs().sum(dim=1).mean()
+    return float(accuracy - kappa / math.sqrt(x.shape[1]) * float(l1))
+
+
+def five_crop_offsets(load_size: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of the centre crop and the four corner crops (Fig. 2c), centre first."""
+    if crop > load_size:
+        raise ValueError(f"crop {crop} is larger than the image {load_size}")
+    m, c = load_size - crop, (load_size - crop) // 2
+    return [(c, c), (0, 0), (0, m), (m, 0), (m, m)]
+
+
+def crop_views(images: torch.Tensor, crop: int, offsets: Sequence[tuple[int, int]] | None = None,
+               mirror: bool = True) -> torch.Tensor:
+    """(V, N, C, crop, crop) views of NCHW images: every offset, then (with ``mirror``) their mirrors."""
+    offsets = offsets or five_crop_offsets(images.shape[-1], crop)
+    views = [images[..., t:t + crop, l:l + crop] for t, l in offsets]
+    if mirror:
+        views += [v.flip(-1) for v in views]
+    return torch.stack(views)
+
+
+def vote(probs: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: Label_i = argmax_k sum_j v_{i,j,k}; ``probs`` is (views, N, K)."""
+    if probs.ndim != 3:
+        raise ValueError(f"expected (views, N, classes) probabilities, got shape {tuple(probs.shape)}")
+    return probs.sum(dim=0).argmax(dim=1)
+
+
+# ---------------------------------------------------------------- the network
+
+
+class NetOut(NamedTuple):
+    z: torch.Tensor  # conv output (pooled), (N, D)
+    zp: torch.Tensor | None  # projection of z to the L_F1 feature's dimension
+    xs: list[torch.Tensor]  # FC1 output per branch (one entry unless branched)
+    logits: list[torch.Tensor]  # FC2 output per branch
+
+
+class FeatLossNet(nn.Module):
+    """Backbone body -> z -> [z projection head] ; z -> FC1 -> x -> FC2 -> logits (Fig. 3, Fig. 4).
+
+    ``x_dims``: FC1 widths, one per x feature (the feature's dimension). Branched: one FC1/FC2 pair per
+    entry. Alternative: one FC1 of sum(x_dims) whose consecutive slices are x_1, x_2, one FC2. Single:
+    one entry. ``mask`` (alternative only) keeps one component of x and zeroes the others before FC2.
+    """
+
+    def __init__(self, arch: str, num_classes: int, x_dims: Sequence[int], structure: str = "single",
+                 z_dim: int | None = None):
+        super().__init__()
+        from tasks.models import build_model
+
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}")
+        self.arch, self.num_classes, self.structure = arch, num_classes, structure
+        self.x_dims = [int(d) for d in x_dims]
+        self.z_dim = z_dim
+        base = build_model(arch, num_classes)
+        self.body = base.body
+        self.feature_dim = base.feature_dim
+        self.z_proj = nn.Linear(base.feature_dim, z_dim) if z_dim else None
+        widths = self.x_dims if structure == "branched" else [sum(self.x_dims)]
+        self.fc1 = nn.ModuleList([nn.Linear(base.feature_dim, w) for w in widths])
+        self.fc2 = nn.ModuleList([nn.Linear(w, num_classes) for w in widths])
+
+    def component(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x_k of the alternative structure (the slice constrained by feature k)."""
+        start = sum(self.x_dims[:k])
+        return x[:, start:start + self.x_dims[k]]
+
+    def forward(self, images: torch.Tensor, mask: int | None = None) -> NetOut:
+        z = self.body(images)
+        zp = self.z_proj(z) if self.z_proj is not None else None
+        xs = [fc(z) for fc in self.fc1]
+        if mask is not None:
+            if self.structure != "alternative":
+                raise ValueError("masking x components applies to the alternative structure only")
+            keep = torch.zeros(xs[0].shape[1], device=z.device, dtype=xs[0].dtype)
+            start = sum(self.x_dims[:mask])
+            keep[start:start + self.x_dims[mask]] = 1
+            logits = [self.fc2[0](xs[0] * keep)]
+        else:
+            logits = [fc(x) for fc, x in zip(self.fc2, xs)]
+        return NetOut(z, zp, xs, logits)
+
+    def probs(self, images: torch.Tensor, mask: int | None = None, branch: int | None = None) -> torch.Tensor:
+        """Class probabilities: the mean over branches (Sec. II-D), or one branch."""
+        out = self(images, mask=mask)
+        ps = [F.softmax(lg.float(), dim=1) for lg in out.logits]
+        return ps[branch] if branch is not None else torch.stack(ps).mean(dim=0)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    ids: list[str]
+    images: torch.Tensor  # uint8 N x 3 x L x L
+    labels: torch.Tensor  # int64
+
+
+def _load(uri: str, size: int, splits: Sequence[str], what: str) -> _Data:
+    from tasks.data import load_image_set
+
+    s = load_image_set(uri, size, splits=splits)
+    keep = torch.nonzero(s.labels >= 0).flatten()
+    if len(keep) == 0:
+        raise ValueError(f"{uri} has no labeled rows in the {what} split(s) {list(splits)}")
+    return _Data([s.ids[i] for i in keep.tolist()], s.images[keep], s.labels[keep])
+
+
+def _targets(features_uri: str, kind: str, ids: Sequence[str], table_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised features, normalised mirrored features) of ``ids``, each (N, dim) float32."""
+    from storage.artifact import Artifact
+    from tasks.handcrafted import STAGE, load_features
+
+    m = Artifact(features_uri).manifest
+    if m.stage != STAGE:
+        raise ValueError(f"{features_uri} is a {m.stage!r} artifact, not handcrafted features; compute them with "
+                         "`fermine featloss features`")
+    want = Artifact(table_uri).digest
+    if m.inputs.get("table") != want:
+        raise ValueError(f"{features_uri} was computed from another image table than {table_uri}; compute the "
+                         "features of this table (`fermine featloss features`)")
+    _, a = load_features(features_uri, kind, ids)
+    try:
+        _, b = load_features(features_uri, kind, ids, flip=True)
+    except ValueError:
+        b = a  # no mirrored features stored: mirrored views use the original's
+    return _unit(torch.from_numpy(a)), _unit(torch.from_numpy(b))
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class FeatLossResult:
+    checkpoint_uri: str
+    lambdas: tuple[float, float] | None  # final (lambda_1, lambda_2) of two-feature runs
+    history: list[dict[str, Any]]
+    val: dict[str, Any]  # last validation metrics (empty without validation rows)
+    n_train: int
+    seconds: float = 0.0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Run:
+    """The mutable training state of one run (model, optimiser, centers) and its step logic."""
+
+    def __init__(self, cfg: FeatLossConfig, x_dims: list[int], z_dim: int | None, device: torch.device,
+                 class_weights: torch.Tensor | None):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.model = FeatLossNet(cfg.arch, cfg.num_classes, x_dims, cfg.structure, z_dim).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        widths = x_dims if cfg.structure == "branched" else [sum(x_dims)]
+        self.centers = [torch.zeros(cfg.num_classes, w, device=device) for w in widths]
+        self.class_weights = class_weights
+
+    def state(self) -> dict[str, Any]:
+        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
+                "centers": [c.clone() for c in self.centers]}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.centers = [c.clone().to(self.device) for c in st["centers"]]
+
+    def lr_at(self, epoch: int) -> float:
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.cfg.epochs))
+
+    def loss(self, out: NetOut, y: torch.Tensor, tz: torch.Tensor | None, tx: list[torch.Tensor],
+             lambdas: tuple[float, float], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 5 (one x feature) or Eq. 9 plus SoftMax and Center losses (two x features)."""
+        cfg = self.cfg
+        parts: dict[str, float] = {}
+        total = torch.zeros((), device=self.device)
+        for k, (lg, x) in enumerate(zip(out.logits, out.xs)):
+            ls = softmax_loss(lg.float(), y, self.class_weights)
+            lc = center_loss(x.float(), y, self.centers[k])
+            total = total + ls + cfg.lambda_c * lc
+            parts[f"softmax{k}"], parts[f"center{k}"] = float(ls.detach()), float(lc.detach())
+        if tz is not None:
+            lf1 = feature_loss(out.zp.float(), tz, cfg.norm)
+            total = total + decayed_weight(cfg.lambda_f1, cfg.rho, epoch) * lf1
+            parts["feature_z"] = float(lf1.detach())
+        if len(tx) == 1:
+            lf2 = feature_loss(out.xs[0].float(), tx[0], cfg.norm)
+            total = total + decayed_weight(cfg.lambda_f2, cfg.rho, epoch) * lf2
+            parts["feature_x"] = float(lf2.detach())
+        elif len(tx) == 2:
+            if cfg.structure == "branched":
+                comps = [out.xs[0], out.xs[1]]
+            else:
+                comps = [self.model.component(out.xs[0], 0), self.model.component(out.xs[0], 1)]
+            lb = decayed_weight(cfg.lambda_b, cfg.rho, epoch)
+            for k in range(2):
+                lfk = feature_loss(comps[k].float(), tx[k], cfg.norm)
+                total = total + lb * lambdas[k] * lfk
+                parts[f"feature_x{k + 1}"] = float(lfk.detach())
+        return total, parts
+
+    def train_epoch(self, data: _Data, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    lambdas: tuple[float, float], epoch: int, phase: str,
+                    progress: Callable[[dict[str, Any]], None] | None) -> dict[str, float]:
+        from tasks.data import normalize
+
+        cfg = self.cfg
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(epoch)
+        # Seeded by (seed, epoch): a trial and the round it stands in for see the same batches and views.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        n = len(data.labels)
+        perm = torch.randperm(n, generator=gen)
+        offsets = five_crop_offsets(data.images.shape[-1], cfg.input_size)
+        crop_idx = torch.randint(0, len(offsets) if cfg.five_crop else 1, (n,), generator=gen)
+        flips = (torch.rand(n, generator=gen) < 0.5) if cfg.hflip else torch.zeros(n, dtype=torch.bool)
+        bs = min(cfg.batch_size, n)
+        steps = n // bs  # drop the last incomplete batch: batch norm and centers want full batches
+        sums: dict[str, float] = {}
+        for s in range(steps):
+            idx = perm[s * bs:(s + 1) * bs]
+            imgs = data.images[idx]
+            views = torch.empty((len(idx), 3, cfg.input_size, cfg.input_size), dtype=imgs.dtype)
+            for j, (t, l) in enumerate(offsets if cfg.five_crop else offsets[:1]):
+                sel = torch.nonzero(crop_idx[idx] == j).flatten()
+                if len(sel):
+                    views[sel] = imgs[sel, :, t:t + cfg.input_size, l:l + cfg.input_size]
+            fl = flips[idx]
+            views = torch.where(fl[:, None, None, None], views.flip(-1), views)
+            x = normalize(views.to(self.device))
+            y = data.labels[idx].to(self.device)
+
+            def pick(kind: str) -> torch.Tensor:
+                a, b = targets[kind]
+                return torch.where(fl[:, None], b[idx], a[idx]).to(self.device)
+
+            tz = pick(cfg.z_feature) if cfg.z_feature else None
+            tx = [pick(k) for k in cfg.x_features]
+            out = self.model(x)
+            loss, parts = self.loss(out, y, tz, tx, lambdas, epoch)
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"the loss became {float(loss.detach())} in epoch {epoch + 1} ({parts}); "
+                                         "lower the learning rate or the feature-loss weights")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for k, xk in enumerate(out.xs):
+                update_centers(self.centers[k], xk, y, cfg.center_alpha)
+            parts["loss"] = float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress is not None:
+                progress({"event": "step", "phase": phase, "epoch": epoch + 1, "epochs": cfg.epochs,
+                          "step": s + 1, "steps": steps, "loss": parts["loss"]})
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _predict(model: FeatLossNet, images: torch.Tensor, cfg: FeatLossConfig, device: torch.device, *,
+             vote_views: bool = True, mask: int | None = None, branch: int | None = None,
+             batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(voted labels, centre-crop labels, centre-crop x per branch) of uint8 images at load size."""
+    from tasks.data import normalize
+
+    model.eval()
+    offsets = five_crop_offsets(images.shape[-1], cfg.input_size)
+    if not (cfg.five_crop and vote_views):
+        offsets = offsets[:1]
+    voted, centre, xs = [], [], []
+    for i in range(0, len(images), batch_size):
+        views = crop_views(images[i:i + batch_size], cfg.input_size, offsets, mirror=cfg.hflip and vote_views)
+        v, nb = views.shape[0], views.shape[1]
+        flat = normalize(views.reshape(v * nb, *views.shape[2:]).to(device))
+        out = model(flat, mask=mask)
+        ps = [F.softmax(lg.float(), dim=1) for lg in out.logits]
+        p = (ps[branch] if branch is not None else torch.stack(ps).mean(dim=0)).reshape(v, nb, -1)
+        voted.append(vote(p).cpu())
+        centre.append(p[0].argmax(dim=1).cpu())
+        xs.append([x.reshape(v, nb, -1)[0].cpu() for x in out.xs])
+    return (torch.cat(voted), torch.cat(centre),
+            [torch.cat([b[k] for b in xs]) for k in range(len(xs[0]))] if xs else [])
+
+
+def _metrics(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    from storage.schema import CLASSES
+    from tasks.evaluate import EvalResult
+    from tasks.metrics import confusion_matrix
+
+    conf = confusion_matrix(labels.numpy(), pred.numpy(), num_classes)
+    classes = list(CLASSES[:num_classes]) if num_classes <= len(CLASSES) else [str(i) for i in range(num_classes)]
+    return EvalResult.from_confusion(conf, classes).to_dict()
+
+
+def _objectives(run: _Run, val: _Data, cfg: FeatLossConfig, mask_components: bool) -> tuple[list[float], list[float]]:
+    """(obj_k, acc_k) of Eq. 11 for both x features: branch k, or component k with the other masked."""
+    objs, accs = [], []
+    for k in range(2):
+        if mask_components:
+            pred, _, xs = _predict(run.model, val.images, cfg, run.device, mask=k)
+            xk = run.model.component(xs[0], k)
+        else:
+            pred, _, xs = _predict(run.model, val.images, cfg, run.device, branch=k)
+            xk = xs[k]
+        acc = float((pred == val.labels).float().mean())
+        accs.append(acc)
+        objs.append(sparsity_objective(acc, xk, cfg.kappa))
+    return objs, accs
+
+
+def train_featloss(
+    cfg: FeatLossConfig,
+    table_uri: str,
+    features_uri: str | None,
+    out_uri: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> FeatLossResult:
+    """Train one variant on the ``cfg.train_splits`` rows of ``table_uri`` (Algorithm 1).
+
+    ``features_uri``: the handcrafted-features artifact of the same table (tasks.handcrafted), needed
+    when the config uses a feature. Validation rows (``cfg.val_splits``) drive adaptive weighting
+    (required then) and are logged per round otherwise. Writes ``model.pt`` + ``featloss.json`` to
+    ``out_uri``; ``last.pt`` after every round lets a rerun with the same config resume.
+    """
+    from storage.artifact import join
+    from tasks.checkpoint import atomic_write_bytes, dumps_json, load_training_state, save_training_state
+
+    t0 = time.time()
+    device = _device(cfg.device)
+    if cfg.features and not features_uri:
+        raise ValueError(f"this run uses the {', '.join(cfg.features)} feature(s): give the handcrafted-features "
+                         "artifact (`fermine featloss features TABLE FEATURES`)")
+    data = _load(table_uri, cfg.load_size, cfg.train_splits, "training")
+    if len(data.labels) < 2:
+        raise ValueError(f"{table_uri} has {len(data.labels)} labeled training row(s); at least 2 are needed")
+    bad = data.labels[(data.labels >= cfg.num_classes)]
+    if len(bad):
+        raise ValueError(f"{table_uri} has labels >= num_classes={cfg.num_classes} (e.g. {int(bad[0])})")
+    val: _Data | None = None
+    if cfg.val_splits:
+        try:
+            val = _load(table_uri, cfg.load_size, cfg.val_splits, "validation")
+        except ValueError:
+            if cfg.adaptive:
+                raise ValueError(f"adaptive weighting needs labeled validation rows: {table_uri} has none in "
+                                 f"{list(cfg.val_splits)} (set val_splits / --val-split)") from None
+    targets = {k: _targets(features_uri, k, data.ids, table_uri) for k in cfg.features} if cfg.features else {}
+    x_dims = [int(targets[k][0].shape[1]) for k in cfg.x_features] or [cfg.fc1_dim]
+    z_dim = int(targets[cfg.z_feature][0].shape[1]) if cfg.z_feature else None
+    cw = None
+    if cfg.class_balanced:
+        counts = np.bincount(data.labels.numpy(), minlength=cfg.num_classes)
+        cw = torch.tensor(class_balance_weights(counts), dtype=torch.float32, device=device)
+    run = _Run(cfg, x_dims, z_dim, device, cw)
+    two = len(cfg.x_features) == 2
+    lambdas: tuple[float, float] = (1.0, 1.0)
+    history: list[dict[str, Any]] = []
+    n_rounds = math.ceil(cfg.epochs / cfg.round_epochs)
+    start = 0
+    state = load_training_state(out_uri)
+    if state is not None:
+        if state.get("config") != cfg.to_dict():
+            raise ValueError(f"{out_uri} holds a featloss run with another configuration; use another output folder, "
+                             "or delete it to start over")
+        run.load(state)
+        start, lambdas, history = int(state["round"]), tuple(state["lambdas"]), list(state["history"])
+        log.info("resuming %s at round %d/%d", out_uri, start, n_rounds)
+
+    def train_round(r: int, lam: tuple[float, float], phase: str) -> dict[str, float]:
+        rows = [run.train_epoch(data, targets, lam, e, phase, progress)
+                for e in range(r * cfg.round_epochs, min((r + 1) * cfg.round_epochs, cfg.epochs))]
+        return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
+
+    for r in range(start, n_rounds):
+        entry: dict[str, Any] = {"round": r + 1, "epochs": [r * cfg.round_epochs + 1,
+                                                             min((r + 1) * cfg.round_epochs, cfg.epochs)]}
+        if two and cfg.adaptive and cfg.structure == "alternative":
+            # Algorithm 1, lines 17-21: two trials from M^(t), weights updated, then M^(t+1) with them.
+            snap = run.state()
+            objs, accs = [], []
+            for k, lam in enumerate(((1.0, 0.0), (0.0, 1.0))):
+                run.load(snap)
+                train_round(r, lam, f"trial {k + 1}")
+                o, a = _objectives(run, val, cfg, mask_components=True)
+                objs.append(o[k])
+                accs.append(a[k])
+            entry.update(obj=objs, val_acc_k=accs, lambdas_before=list(lambdas))
+            lambdas = amplify_weights(lambdas, objs[0], objs[1], cfg.gamma, cfg.eps)
+            run.load(snap)
+        entry["lambdas"] = list(lambdas) if two else None
+        entry.update(train_round(r, lambdas, "train"))
+        if two and cfg.adaptive and cfg.structure == "branched":
+            # Algorithm 1, lines 14-15: the round's own branches give obj_1, obj_2 for the next round.
+            objs, accs = _objectives(run, val, cfg, mask_components=False)
+            entry.update(obj=objs, val_acc_k=accs)
+            lambdas = amplify_weights(lambdas, objs[0], objs[1], cfg.gamma, cfg.eps)
+        if val is not None:
+            pred, centre, _ = _predict(run.model, val.images, cfg, device)
+            entry["val_accuracy"] = float((pred == val.labels).float().mean())
+            entry["val_accuracy_center"] = float((centre == val.labels).float().mean())
+        entry["seconds"] = time.time() - t0
+        history.append(entry)
+        log.info("round %d: %s", r + 1, entry)
+        if progress is not None:
+            progress({"event": "round", **entry})
+        save_training_state(out_uri, {**run.state(), "round": r + 1, "lambdas": list(lambdas), "history": history,
+                                      "config": cfg.to_dict()})
+
+    val_metrics: dict[str, Any] = {}
+    if val is not None:
+        pred, centre, _ = _predict(run.model, val.images, cfg, device)
+        val_metrics = _metrics(pred, val.labels, cfg.num_classes)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, buf)
+    atomic_write_bytes(join(out_uri, MODEL_FILE), buf.getvalue())
+    from storage.schema import CLASSES
+    from tasks.data import MEAN, STD
+
+    seconds = time.time() - t0
+    meta = {
+        "task": "featloss", "arch": cfg.arch, "num_classes": cfg.num_classes,
+        "classes": list(CLASSES[:cfg.num_classes]), "structure": cfg.structure, "x_dims": x_dims, "z_dim": z_dim,
+        "input_size": cfg.input_size, "load_size": cfg.load_size, "mean": list(MEAN), "std": list(STD),
+        "lambdas": list(lambdas) if two else None, "history": history, "val": val_metrics,
+        "config": cfg.to_dict(), "table_uri": table_uri, "features_uri": features_uri, "n_train": len(data.labels),
+        "seconds": seconds,
+    }
+    atomic_write_bytes(join(out_uri, META_FILE), dumps_json(meta).encode())  # written last: marks the run done
+    return FeatLossResult(out_uri, lambdas if two else None, history, val_metrics, len(data.labels), seconds)
+
+
+# ---------------------------------------------------------------- loading and evaluation
+
+
+def load_featloss_model(uri: str, device: str | torch.device = "cpu") -> tuple[FeatLossNet, dict[str, Any]]:
+    """(model in eval mode, meta) of a finished ``train_featloss`` output folder."""
+    import fsspec
+
+    from storage.artifact import join
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{path.rstrip('/')}/{META_FILE}"):
+        raise FileNotFoundError(f"no finished featloss model at {uri} ({META_FILE} missing): train one with "
+                                "`fermine featloss train`, or rerun it to resume")
+    with fsspec.open(join(uri, META_FILE), "r") as f:
+        meta = json.load(f)
+    with fsspec.open(join(uri, MODEL_FILE), "rb") as f:
+        import io
+
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    model = FeatLossNet(meta["arch"], int(meta["num_classes"]), meta["x_dims"], meta["structure"], meta["z_dim"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("test",),
+                      device: str = "auto") -> dict[str, Any]:
+    """Test metrics with five-crop + mirror voting (Eq. 12) and, for reference, of the centre crop alone.
+
+    Returns the tasks.evaluate EvalResult dict of the voted labels plus ``accuracy_center`` and
+    ``mean_class_accuracy_center``.
+    """
+    dev = _device(device)
+    model, meta = load_featloss_model(model_uri, dev)
+    cfg = FeatLossConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(FeatLossConfig)}})
+    data = _load(table_uri, cfg.load_size, splits, "test")
+    pred, centre, _ = _predict(model, data.images, cfg, dev)
+    out = _metrics(pred, data.labels, cfg.num_classes)
+    c = _metrics(centre, data.labels, cfg.num_classes)
+    out.update(accuracy_center=c["accuracy"], mean_class_accuracy_center=c["mean_class_accuracy"],
+               lambdas=meta.get("lambdas"), test_uri=table_uri, splits=list(splits))
+    return out
