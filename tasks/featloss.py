@@ -121,10 +121,10 @@ class FeatLossConfig:
     num_classes: int = 7
     input_size: int = 48  # crop side fed to the network (paper: 227)
     load_size: int = 54  # images are decoded at this side, five crops of input_size are cut (paper: 256)
-    epochs: int = 8
+    epochs: int = 6
     round_epochs: int = 2  # MaxIter of Algorithm 1: epochs between weight updates (adaptive weighting)
     batch_size: int = 32  # paper: 64
-    lr: float = 0.01  # SGD, cosine-annealed over the epochs (paper: 5e-3)
+    lr: float = 0.02  # SGD, cosine-annealed over the epochs (paper: 5e-3)
     momentum: float = 0.9  # paper: 0.8
     weight_decay: float = 5e-4
     fc1_dim: int = 128  # FC1 width when no feature loss constrains x (else the feature's dimension)

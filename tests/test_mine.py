@@ -345,7 +345,7 @@ def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):
     from storage.ingest import write_image_table
     from storage.synthetic import SyntheticConfig, generate
     from tasks.distill import DistillConfig
-    from tasks.omni import OmniConfig, load_results, run_omni
+    from flows.omni import OmniConfig, load_results, run_omni
     from tasks.train import TrainConfig
 
     a = SyntheticConfig(size=32, train_per_class=20, test_per_class=6, pool_size=84, n_identities=8)

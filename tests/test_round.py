@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def ray_cluster(tmp_path_factory):
     """`ray start --head` plus one worker node, both on 127.0.0.1, as separate processes."""
     import ray
 
-    ray.shutdown()  # the in-process test instance, if any; `ray stop` below ends every Ray process
+    ray.shutdown()  # the in-process test instance, if any: the CLI runs below connect to this cluster
     tmp = tmp_path_factory.mktemp("cluster")
     env = _env(tmp)
     port = _free_port()
@@ -59,7 +60,36 @@ def ray_cluster(tmp_path_factory):
                    env=env, check=True, capture_output=True)
     subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True, capture_output=True)
     yield f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    _stop_cluster(port)
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass  # the process ended meanwhile
+    return out
+
+
+def _stop_cluster(port: int) -> None:
+    """End this cluster's processes only (`ray stop` would end every Ray instance on the machine).
+
+    Its processes all name the cluster's session folder, which the GCS on ``port`` gives away.
+    """
+    cmds = _cmdlines()
+    sessions = {m.group(0) for c in cmds.values() if f"--gcs_server_port={port}" in c
+                for m in [re.search(r"session_\d{4}-[\d_-]+_\d+", c)] if m}
+    pids = [pid for pid, c in cmds.items() if any(s in c for s in sessions) and pid != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
 
 
 def _write_config(tmp: Path, address: str, out: Path) -> Path:

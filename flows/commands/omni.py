@@ -246,7 +246,7 @@ def register(app: typer.Typer) -> None:
 
         from flows.cli import UserError
         from tasks.distill import DistillConfig
-        from tasks.omni import OmniConfig, run_omni
+        from flows.omni import OmniConfig, run_omni
         from tasks.train import TrainConfig
 
         _need_table(labeled, "LABELED")

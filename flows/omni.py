@@ -1,4 +1,4 @@
-"""The Omni-supervised FER pipeline (Liu et al., Sec. 3-4) end to end, resumable stage by stage.
+"""The Omni-supervised FER pipeline (Liu et al., Sec. 3-4) end to end without Prefect (`fermine omni`).
 
     primitive learner (labeled set)  ->  centroids (Eq. 4)  ->  mine the pool (Eq. 5-6) = VAS
         ->  distil VAS (Eq. 8) = DAS  ->  retrain on labeled + VAS and on labeled + DAS

@@ -1,0 +1,282 @@
+"""Handcrafted feature losses: the equations, the network, a tiny end-to-end training, CLI and flow."""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from storage.ingest import write_image_table
+from storage.synthetic import SyntheticConfig, generate
+from tasks.featloss import (FeatLossConfig, FeatLossNet, amplify_weights, center_loss, class_balance_weights,
+                            crop_views, decayed_weight, evaluate_featloss, feature_loss, five_crop_offsets,
+                            load_featloss_model, softmax_loss, sparsity_objective, train_featloss, update_centers,
+                            variant_config, vote)
+from tasks.handcrafted import HandcraftedConfig, compute_features
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Shared cores: one intra-op thread is several times faster than two here.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fl")
+    table = str(root / "table")
+    cfg = SyntheticConfig(size=32, train_per_class=6, val_per_class=2, test_per_class=2, pool_size=0, n_identities=12)
+    write_image_table(generate(cfg), table, stage="ingest", config={"tiny": 1})
+    feats = str(root / "features")
+    compute_features(table, feats, HandcraftedConfig(size=32, gabor_grid=2, gsf_grid=2, sift_grid=2))
+    return table, feats
+
+
+def _tiny(**kw):
+    base = dict(input_size=28, load_size=32, epochs=2, round_epochs=1, batch_size=16, device="cpu", fc1_dim=16)
+    return FeatLossConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- equations
+
+
+def test_class_balance_weights_eq13_and_balanced_softmax_eq14():
+    w = class_balance_weights([10, 20, 0, 40])
+    np.testing.assert_allclose(w, np.array([1 / 10, 1 / 20, 0, 1 / 40]) / (1 / 10 + 1 / 20 + 1 / 40))
+    assert w.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(class_balance_weights([5, 5, 5]), [1 / 3] * 3)
+    logits = torch.randn(8, 3)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    # balanced weights: identical to plain cross-entropy
+    bal = torch.tensor(class_balance_weights([5, 5, 5]), dtype=torch.float32)
+    assert softmax_loss(logits, y, bal).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    # imbalanced: mean_i K w_{y_i} CE_i, rare classes weigh more
+    wt = torch.tensor(class_balance_weights(np.bincount(y.numpy())), dtype=torch.float32)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    assert softmax_loss(logits, y, wt).item() == pytest.approx((3 * wt[y] * ce).mean().item(), rel=1e-5)
+    assert wt[2] > wt[1] > wt[0]
+    with pytest.raises(ValueError, match="no class"):
+        class_balance_weights([0, 0])
+
+
+def test_feature_loss_eq1_value_and_eq7_gradient():
+    torch.manual_seed(0)
+    v = torch.randn(4, 6, requires_grad=True)
+    e = torch.rand(4, 6) + 0.1
+    h = e / e.norm(dim=1, keepdim=True)  # Eq. 2
+    r = (v - v.norm(dim=1, keepdim=True) * h).detach()
+    loss = feature_loss(v, e, p=2)
+    assert loss.item() == pytest.approx(0.5 * (r ** 2).sum(1).mean().item(), rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(v.grad, r / 4)  # Eq. 7, p = 2 (batch mean)
+    v.grad = None
+    feature_loss(v, e, p=1).backward()
+    torch.testing.assert_close(v.grad, torch.sign(r) / 4)  # Eq. 7, p = 1
+    # a deep feature pointing along the handcrafted one has no loss, whatever its length
+    assert feature_loss(3.7 * h, e).item() == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="differ in shape"):
+        feature_loss(v, torch.rand(4, 5))
+
+
+def test_center_loss_and_center_update():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 1])
+    c = torch.zeros(3, 2)
+    assert center_loss(x, y, c).item() == pytest.approx(0.5 * (1 + 9 + 4) / 3)
+    update_centers(c, x, y, alpha=0.5)
+    # c_j -= alpha * sum(c_j - x_i) / (1 + n_j): class 0 -> 0.5 * 4/3, class 1 -> 0.5 * 2/2, class 2 untouched
+    torch.testing.assert_close(c, torch.tensor([[2 / 3, 0.0], [0.0, 0.5], [0.0, 0.0]]))
+
+
+def test_weight_decay_eq6():
+    assert decayed_weight(0.05, 0.9, 0) == 0.05
+    assert decayed_weight(0.05, 0.9, 3) == pytest.approx(0.05 * 0.9 ** 3)
+    # unrolled recursion lambda^(t+1) = rho lambda^(t)
+    lam = 1.0
+    for t in range(5):
+        assert decayed_weight(1.0, 0.98, t) == pytest.approx(lam)
+        lam *= 0.98
+
+
+def test_amplification_and_renormalisation_eq10():
+    l1, l2 = amplify_weights((1.0, 1.0), 0.6, 0.5, gamma=1.2)
+    assert (l1, l2) == pytest.approx((2 * 1.2 / 2.2, 2 / 2.2)) and l1 + l2 == pytest.approx(2.0)
+    assert amplify_weights((1.0, 1.0), 0.5, 0.6, gamma=1.2) == pytest.approx((2 / 2.2, 2 * 1.2 / 2.2))
+    assert amplify_weights((0.7, 1.3), 0.5, 0.5 + 1e-9, gamma=1.2) == pytest.approx((0.7, 1.3))  # within eps: kept
+    lam = (1.0, 1.0)
+    for _ in range(60):  # a loss that keeps winning takes over, the sum stays 2
+        lam = amplify_weights(lam, 0.9, 0.1, gamma=1.2)
+        assert sum(lam) == pytest.approx(2.0)
+    assert lam[0] > 1.99 and 0 <= lam[1] < 0.01
+
+
+def test_sparsity_objective_eq11():
+    one_hot = torch.zeros(3, 16)
+    one_hot[:, 2] = 5.0
+    assert sparsity_objective(0.8, one_hot, kappa=0.1) == pytest.approx(0.8 - 0.1 / 4 * 1.0)
+    dense = torch.ones(3, 16)  # ||x / ||x|| ||_1 = sqrt(16)
+    assert sparsity_objective(0.8, dense, kappa=0.1) == pytest.approx(0.8 - 0.1)
+    # with equal accuracy the sparser feature wins
+    assert sparsity_objective(0.5, one_hot, 1e-5) > sparsity_objective(0.5, dense, 1e-5)
+
+
+def test_five_crops_mirrors_and_voting_eq12():
+    assert five_crop_offsets(54, 48) == [(3, 3), (0, 0), (0, 6), (6, 0), (6, 6)]
+    imgs = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    v = crop_views(imgs, 6)
+    assert v.shape == (10, 2, 3, 6, 6)
+    torch.testing.assert_close(v[0], imgs[..., 1:7, 1:7])  # centre first
+    torch.testing.assert_close(v[4], imgs[..., 2:8, 2:8])  # low right
+    torch.testing.assert_close(v[5], v[0].flip(-1))  # then the mirrors
+    # probabilities are summed, not argmax-voted: class 1 wins although 2 of 3 views prefer class 0
+    p = torch.tensor([[[0.5, 0.4, 0.1]], [[0.5, 0.4, 0.1]], [[0.0, 1.0, 0.0]]])
+    assert vote(p).tolist() == [1]
+
+
+def test_network_structures_and_masks():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    alt = FeatLossNet("small_cnn", 7, [6, 4], "alternative", z_dim=20).eval()
+    out = alt(x)
+    assert out.z.shape == (3, alt.feature_dim) and out.zp.shape == (3, 20)
+    assert len(out.xs) == 1 and out.xs[0].shape == (3, 10) and out.logits[0].shape == (3, 7)
+    masked = alt(x, mask=1).logits[0]
+    keep = torch.cat([torch.zeros(6), torch.ones(4)])
+    torch.testing.assert_close(masked, alt.fc2[0](out.xs[0] * keep))
+    assert alt.component(out.xs[0], 1).shape == (3, 4)
+    br = FeatLossNet("small_cnn", 7, [6, 4], "branched").eval()
+    o = br(x)
+    assert [t.shape[1] for t in o.xs] == [6, 4] and len(o.logits) == 2
+    torch.testing.assert_close(br.probs(x), (F.softmax(o.logits[0], 1) + F.softmax(o.logits[1], 1)) / 2)
+    with pytest.raises(ValueError, match="alternative structure only"):
+        br(x, mask=0)
+
+
+def test_config_validation_and_variants():
+    assert variant_config("gabor").z_feature == "gabor"
+    assert variant_config("adaptive").structure == "alternative" and variant_config("adaptive").adaptive
+    with pytest.raises(ValueError, match="exactly two x features"):
+        FeatLossConfig(structure="branched", x_features=("gsf",))
+    with pytest.raises(ValueError, match="adaptive weighting balances two"):
+        FeatLossConfig(adaptive=True)
+    with pytest.raises(ValueError, match="unknown handcrafted feature"):
+        FeatLossConfig(x_features=("hog",))
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config("lbp")
+    cfg = variant_config("fixed", _tiny())
+    assert FeatLossConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_adaptive_alternative_training_end_to_end(data, tmp_path):
+    table, feats = data
+    cfg = variant_config("adaptive", _tiny())
+    out = str(tmp_path / "alaw")
+    res = train_featloss(cfg, table, feats, out)
+    assert len(res.history) == 2 and res.n_train == 42
+    lam = res.lambdas
+    assert sum(lam) == pytest.approx(2.0)
+    for h in res.history:  # every round ran two trials and recorded their objectives
+        assert len(h["obj"]) == 2 and all(math.isfinite(o) for o in h["obj"])
+        o1, o2 = h["obj"]
+        before = h["lambdas_before"]
+        assert h["lambdas"] == pytest.approx(list(amplify_weights(tuple(before), o1, o2, cfg.gamma, cfg.eps)))
+        assert math.isfinite(h["feature_x1"]) and math.isfinite(h["feature_x2"])
+    model, meta = load_featloss_model(out)
+    assert meta["x_dims"] == [24, 24] and meta["structure"] == "alternative"
+    m = evaluate_featloss(out, table, ("test",), device="cpu")
+    assert m["n"] == 14 and 0 <= m["accuracy"] <= 1 and 0 <= m["accuracy_center"] <= 1
+    assert len(m["confusion"]) == 7
+    # a rerun resumes from last.pt (nothing left to train) and ends with the same weights
+    again = train_featloss(cfg, table, feats, out)
+    assert again.lambdas == pytest.approx(lam) and len(again.history) == 2
+    with pytest.raises(ValueError, match="another configuration"):
+        train_featloss(dataclasses.replace(cfg, lr=0.5), table, feats, out)
+
+
+def test_branched_gabor_and_plain_runs(data, tmp_path):
+    table, feats = data
+    br = train_featloss(variant_config("branched-adaptive", _tiny(epochs=1)), table, feats, str(tmp_path / "b"))
+    assert sum(br.lambdas) == pytest.approx(2.0) and len(br.history[0]["obj"]) == 2
+    gb = train_featloss(variant_config("gabor", _tiny(epochs=1)), table, feats, str(tmp_path / "g"))
+    assert "feature_z" in gb.history[0] and gb.lambdas is None
+    plain = train_featloss(variant_config("none", _tiny(epochs=1, class_balanced=False, five_crop=False)), table,
+                           None, str(tmp_path / "n"))
+    assert "feature_z" not in plain.history[0] and "feature_x" not in plain.history[0]
+    with pytest.raises(ValueError, match="give the handcrafted-features artifact"):
+        train_featloss(variant_config("gsf", _tiny()), table, None, str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="needs labeled validation rows"):
+        train_featloss(variant_config("adaptive", _tiny(val_splits=("nope",))), table, feats, str(tmp_path / "y"))
+
+
+def test_features_of_another_table_are_refused(data, tmp_path):
+    table, feats = data
+    other = str(tmp_path / "other")
+    write_image_table(generate(SyntheticConfig(size=32, seed=5, train_per_class=3, test_per_class=1, pool_size=0,
+                                               n_identities=4)), other, stage="ingest", config={"o": 1})
+    with pytest.raises(ValueError, match="another image table"):
+        train_featloss(variant_config("gsf", _tiny()), other, feats, str(tmp_path / "z"))
+
+
+# ---------------------------------------------------------------- CLI and flow
+
+
+def test_cli_features_train_and_user_errors(data, tmp_path, capsys):
+    from flows.cli import main
+
+    table, feats = data
+    main(["featloss", "features", table, feats, "--size", "32", "--gabor-grid", "2", "--gsf-grid", "2",
+          "--sift-grid", "2"])
+    assert "reused" in capsys.readouterr().out
+    out = str(tmp_path / "cli")
+    main(["featloss", "train", table, out, "--features", feats, "--variant", "gsf", "--size", "28", "--load-size",
+          "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "gsf" in text and "Acc. (vote)" in text
+    assert json.load(open(f"{out}/metrics.json"))["n"] == 14
+    cases = [
+        (["featloss", "train", table, str(tmp_path / "a"), "--variant", "sift"], "give --features"),
+        (["featloss", "train", table, str(tmp_path / "b"), "--variant", "lbp", "--features", feats], "unknown variant"),
+        (["featloss", "train", str(tmp_path / "missing"), str(tmp_path / "c")], "no finished image table"),
+        (["featloss", "train", table, str(tmp_path / "d"), "--features", table], "not handcrafted features"),
+        (["featloss", "train", table, str(tmp_path / "e"), "--norm", "3", "--features", feats], "norm must be 1 or 2"),
+        (["featloss", "features", table, str(tmp_path / "f"), "--gabor-grid", "50"], "gabor_grid must be between"),
+        (["featloss", "compare", str(tmp_path / "g"), "--variants", "none,hog"], "unknown ['hog']"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_prefect_flow_compares_variants_and_reuses_stages(data, tmp_path):
+    from flows.featloss import featloss_flow
+
+    table, _ = data
+    out = str(tmp_path / "flow")
+    cfg = {"input_size": 28, "load_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu", "fc1_dim": 16}
+    fcfg = {"gabor_grid": 2, "gsf_grid": 2, "sift_grid": 2, "size": 32}
+    first = featloss_flow(out, table_uri=table, variants=["none", "gsf"], config=cfg, features_config=fcfg,
+                          report=False)
+    assert [r["model"] for r in first["results"]] == ["none", "gsf"]
+    saved = json.load(open(f"{out}/results.json"))
+    assert saved["results"] == first["results"] and os.path.exists(f"{out}/results.md")
+    again = featloss_flow(out, table_uri=table, variants=["none", "gsf"], config=cfg, features_config=fcfg,
+                          report=False)
+    assert again["results"] == first["results"]
+    events = [json.loads(line)["event"] for line in open(f"{out}/ledger.jsonl")]
+    assert events.count("reused") == 5  # features + 2 x (train, eval)
