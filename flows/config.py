@@ -23,7 +23,7 @@ class DataSource(BaseModel):
     """Where a data set comes from: the synthetic generator or a public data set on disk."""
 
     model_config = ConfigDict(extra="forbid")
-    format: str = "synthetic"  # a reader name: synthetic, rafdb, fer2013, ferplus, affectnet, ckplus, jaffe, folder, ms1m
+    format: str = "synthetic"  # a reader name: synthetic, rafdb, fer2013, ferplus, affectnet, afewva, ckplus, jaffe, folder, ms1m
     root: str = ""  # data set folder (ignored for synthetic)
     options: dict[str, Any] = Field(default_factory=dict)  # reader options, e.g. {size: 64, seed: 0}
     rows_per_shard: int = 512

@@ -97,7 +97,12 @@ def featloss_flow(
     (its size defaults to the config's input_size); ``synthetic`` overrides SYNTHETIC_DEFAULTS.
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
-    from tasks.featloss import DEFAULT_VARIANTS, VARIANT_TITLES, FeatLossConfig, variant_config
+    from tasks.featloss import (
+        DEFAULT_VARIANTS,
+        VARIANT_TITLES,
+        FeatLossConfig,
+        variant_config,
+    )
     from tasks.handcrafted import HandcraftedConfig
 
     names = list(variants) if variants else list(DEFAULT_VARIANTS)

@@ -21,6 +21,32 @@ from flows.prefect_tasks import stage
 from flows.stage import Run
 from storage.artifact import join
 
+SYNTHETIC = "synthetic"
+# The pool is three times the labeled training set (150 per class), so the 3/4 unlabeled share of every
+# batch sees each pool image about once per epoch, as in the paper's labeled/unlabeled proportions.
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"pool_size": 2100}
+
+
+def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) -> str:
+    """The embedded synthetic data set (train/test/pool splits), generated once under ``<out>/data``.
+
+    The folder name is a digest of the generator's config, so other options give another table and the
+    same options reuse the finished one. Raises ValueError for unknown or mistyped options.
+    """
+    import dataclasses
+    import hashlib
+
+    from storage.artifact import is_finished
+    from storage.ingest import write_image_table
+    from storage.synthetic import config_from_options, generate
+
+    cfg = config_from_options(**{"size": size, **SYNTHETIC_DEFAULTS, **(options or {})})
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    uri = join(out, "data", f"synthetic-{digest[:12]}")
+    if not is_finished(uri):
+        write_image_table(generate(cfg), uri, stage="ingest", config={"format": SYNTHETIC, **dataclasses.asdict(cfg)})
+    return uri
+
 
 def _inject(labeled_uri: str, kind: str, rate: float, seed: int, splits: Sequence[str]):
     def fn(out: str) -> None:
@@ -72,8 +98,8 @@ def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, devic
 
 @flow(name="progressive-teacher")
 def pt_flow(
-    labeled_uri: str,
-    out: str,
+    labeled_uri: str = SYNTHETIC,
+    out: str = "runs/pt",
     pool_uri: str | None = None,
     test_uri: str | None = None,
     test_splits: list[str] | None = None,
@@ -83,15 +109,25 @@ def pt_flow(
     config: dict[str, Any] | None = None,
     compare: bool = True,
     val_uri: str | None = None,
+    synthetic_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune baseline, Mean Teacher and PT (``compare``) or PT alone, at every noise rate (Table 4).
 
-    ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri`` defaults to
+    ``labeled_uri="synthetic"`` (the default) generates the embedded synthetic data set under
+    ``<out>/data`` (``synthetic_options``: storage.synthetic.SyntheticConfig fields) and uses its ``pool``
+    split as the unlabeled pool and its ``test`` split for testing, unless ``pool_uri``/``test_uri`` are
+    given. ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri`` defaults to
     ``labeled_uri`` and ``test_splits`` to ["test"]; ``noise_rates`` to [0, 0.1, 0.2, 0.3].
     """
     from tasks.progressive_teacher import PTConfig, finetune_config, mean_teacher_config
 
-    cfg = build_dataclass(PTConfig, dict(config or {}), "pt")
+    overrides = dict(config or {})
+    if labeled_uri == SYNTHETIC:
+        labeled_uri = synthetic_table(out, int(overrides.get("input_size", PTConfig.input_size)), synthetic_options)
+        if pool_uri is None:
+            pool_uri = labeled_uri
+            overrides.setdefault("pool_splits", ["pool"])
+    cfg = build_dataclass(PTConfig, overrides, "pt")
     test_uri = test_uri or labeled_uri
     splits = list(test_splits) if test_splits is not None else ["test"]
     rates = list(noise_rates) if noise_rates is not None else [0.0, 0.1, 0.2, 0.3]

@@ -167,6 +167,8 @@ class Run:
                 row["seconds"] = ev.get("seconds")
             if ev["event"] == "failed":
                 row["error"] = ev.get("error")
+            elif ev["event"] in ("finished", "reused"):
+                row.pop("error", None)  # an earlier attempt's failure is history once the stage is done
         for row in rows.values():
             if row["state"] == "started":
                 # No finish event: either still running or killed; the record tells which is safe to reuse.

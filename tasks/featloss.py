@@ -47,7 +47,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -76,22 +76,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_VARIANTS = ("none", "gabor", "gsf", "sift", "fixed", "adaptive")
 VARIANT_TITLES = {
-    "none": "no feature loss (SoftMax + Center)",
+    "none": "SoftMax + Center",
     "gabor": "GABOR loss on z",
     "gsf": "GSF loss on x",
     "sift": "SIFT loss on x",
-    "fixed": "GSF + SIFT, alternative, fixed weights (ALFW)",
-    "adaptive": "GSF + SIFT, alternative, adaptive weights (ALAW)",
-    "branched-fixed": "GSF + SIFT, branched, fixed weights (BLFW)",
-    "branched-adaptive": "GSF + SIFT, branched, adaptive weights (BLAW)",
+    "fixed": "GSF+SIFT alt. fixed (ALFW)",
+    "adaptive": "GSF+SIFT alt. adaptive (ALAW)",
+    "branched-fixed": "GSF+SIFT branched fixed (BLFW)",
+    "branched-adaptive": "GSF+SIFT branched adaptive (BLAW)",
 }
 
 __all__ = [
     "DEFAULT_VARIANTS",
+    "VARIANTS",
     "FeatLossConfig",
     "FeatLossNet",
     "FeatLossResult",
-    "VARIANTS",
     "amplify_weights",
     "center_loss",
     "class_balance_weights",
@@ -134,7 +134,10 @@ class FeatLossConfig:
     adaptive: bool = False  # adaptive weighting (Eq. 10-11); False = fixed weights (1, 1)
     norm: int = 2  # p of Eq. 1: 1 or 2 (paper's choice: 2, Table V)
     lambda_c: float = 8e-3  # Center loss weight (paper: 8e-3)
-    lambda_f1: float = 0.05  # L_F1 weight at epoch 0 (paper: 1e-6 on summed 12800-D losses)
+    # L_F1 weight at epoch 0 (paper: 1e-6 on summed 12800-D losses). L_F scales with ||v||^2, which grows with
+    # the dimension: the GABOR target has ~50x the dims of GSF/SIFT, hence a ~50x smaller weight than lambda_f2
+    # (0.05 made the GABOR loss swamp the SoftMax: chance accuracy on the synthetic comparison).
+    lambda_f1: float = 1e-4
     lambda_f2: float = 0.05  # L_F2 weight at epoch 0 (paper: 1e-6)
     lambda_b: float = 0.05  # base weight of the two feature losses of Eq. 9 (paper: 1e-6)
     rho: float = 0.9  # per-epoch decay of lambda_f1, lambda_f2, lambda_b (Eq. 6; paper 0.98 over many more epochs)
@@ -170,7 +173,8 @@ class FeatLossConfig:
         if self.norm not in (1, 2):
             problems.append(f"norm must be 1 or 2, got {self.norm}")
         if self.input_size < 16 or self.load_size < self.input_size:
-            problems.append(f"need input_size >= 16 and load_size >= input_size, got {self.input_size}, {self.load_size}")
+            problems.append(f"need input_size >= 16 and load_size >= input_size, got {self.input_size}, "
+                            f"{self.load_size}")
         if self.epochs < 1 or self.round_epochs < 1 or self.batch_size < 2:
             problems.append("epochs >= 1, round_epochs >= 1 and batch_size >= 2 are required")
         if not 0 < self.rho <= 1:
@@ -394,6 +398,9 @@ def _load(uri: str, size: int, splits: Sequence[str], what: str) -> _Data:
     keep = torch.nonzero(s.labels >= 0).flatten()
     if len(keep) == 0:
         raise ValueError(f"{uri} has no labeled rows in the {what} split(s) {list(splits)}")
+    if len(keep) < len(s):
+        log.warning("%s: %d unlabeled row(s) of the %s split(s) %s left out (supervised losses need labels)",
+                    uri, len(s) - len(keep), what, list(splits))
     return _Data([s.ids[i] for i in keep.tolist()], s.images[keep], s.labels[keep])
 
 
@@ -526,12 +533,8 @@ class _Run:
             x = normalize(views.to(self.device))
             y = data.labels[idx].to(self.device)
 
-            def pick(kind: str) -> torch.Tensor:
-                a, b = targets[kind]
-                return torch.where(fl[:, None], b[idx], a[idx]).to(self.device)
-
-            tz = pick(cfg.z_feature) if cfg.z_feature else None
-            tx = [pick(k) for k in cfg.x_features]
+            tz = _pick(targets, cfg.z_feature, idx, fl, self.device) if cfg.z_feature else None
+            tx = [_pick(targets, k, idx, fl, self.device) for k in cfg.x_features]
             out = self.model(x)
             loss, parts = self.loss(out, y, tz, tx, lambdas, epoch)
             if not math.isfinite(float(loss.detach())):
@@ -549,6 +552,13 @@ class _Run:
                 progress({"event": "step", "phase": phase, "epoch": epoch + 1, "epochs": cfg.epochs,
                           "step": s + 1, "steps": steps, "loss": parts["loss"]})
         return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def _pick(targets: dict[str, tuple[torch.Tensor, torch.Tensor]], kind: str, idx: torch.Tensor, flipped: torch.Tensor,
+          device: torch.device) -> torch.Tensor:
+    """The handcrafted targets of a batch: the mirrored image's features for mirrored views."""
+    a, b = targets[kind]
+    return torch.where(flipped[:, None], b[idx], a[idx]).to(device)
 
 
 @torch.no_grad()
@@ -618,7 +628,12 @@ def train_featloss(
     ``out_uri``; ``last.pt`` after every round lets a rerun with the same config resume.
     """
     from storage.artifact import join
-    from tasks.checkpoint import atomic_write_bytes, dumps_json, load_training_state, save_training_state
+    from tasks.checkpoint import (
+        atomic_write_bytes,
+        dumps_json,
+        load_training_state,
+        save_training_state,
+    )
 
     t0 = time.time()
     device = _device(cfg.device)
@@ -759,7 +774,8 @@ def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("
     """
     dev = _device(device)
     model, meta = load_featloss_model(model_uri, dev)
-    cfg = FeatLossConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(FeatLossConfig)}})
+    names = {f.name for f in dataclasses.fields(FeatLossConfig)}
+    cfg = FeatLossConfig(**{k: v for k, v in meta["config"].items() if k in names})
     data = _load(table_uri, cfg.load_size, splits, "test")
     pred, centre, _ = _predict(model, data.images, cfg, dev)
     out = _metrics(pred, data.labels, cfg.num_classes)

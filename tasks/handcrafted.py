@@ -267,7 +267,7 @@ class PatchProjection:
         return buf.getvalue()
 
     @classmethod
-    def from_npz(cls, data: bytes) -> "PatchProjection":
+    def from_npz(cls, data: bytes) -> PatchProjection:
         z = np.load(io.BytesIO(data))
         p = int(z["patches"])
         return cls([z[f"mean{j}"] for j in range(p)], [z[f"comp{j}"] for j in range(p)],
@@ -420,7 +420,8 @@ def feature_dims(uri: str) -> dict[str, int]:
     return {k: int(v) for k, v in Artifact(uri).manifest.extra.get("dims", {}).items()}
 
 
-def load_features(uri: str, kind: str, ids: Sequence[str] | None = None, flip: bool = False) -> tuple[list[str], np.ndarray]:
+def load_features(uri: str, kind: str, ids: Sequence[str] | None = None,
+                  flip: bool = False) -> tuple[list[str], np.ndarray]:
     """(ids, (N, dim) float32) of one feature of a features artifact; with ``ids``, in that order.
 
     ``flip`` reads the mirrored image's features. Missing ids raise: the artifact was computed from

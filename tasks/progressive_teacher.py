@@ -12,6 +12,16 @@ Two teacher-student pairs of one architecture, initialised differently (Section 
   ``w = 10 * exp(-5 (1 - epoch/N)^2)`` (Eq. 3, 4);
 * SGD momentum 0.9, weight decay 5e-4, lr 0.01 -> 0.001 after 3 of 6 epochs.
 
+Teachers run in train mode (BatchNorm with batch statistics, as in Mean Teacher's reference code)
+and keep BatchNorm running statistics of their own, which the saved teacher uses at test time.
+
+The paper's schedule assumes a pretrained backbone: T = 300 iterations is ~1 epoch of RAF-DB, after
+which the teachers are already good. From scratch, a teacher that has not learned yet ranks losses
+mostly by the classes it happens to favour, so R(t) < 1 early starves whole classes (fear and
+surprise vanished on the synthetic data); give such runs a T of about half the iterations and an
+EMA cap ``ema_max`` of 0.99 (alpha = 1 - 1/(1+t) is a plain average of every student so far until
+the cap is reached).
+
 Variants for the paper's ablations (Section 4.5): ``guidance="same"`` (a teacher feeds its own
 student), ``consistency_guidance`` (which teacher is the consistency target, independently),
 ``ratio="fixed"`` (R = 1 - r throughout), ``n_pairs=1`` (one pair; with ``forget_rate=0`` this is
@@ -160,6 +170,9 @@ class PTConfig:
             problems.append(f"confidence_threshold={self.confidence_threshold} must be in (0, 1)")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} must be > 0")
+        if self.consistency_max < 0 or self.consistency_shape < 0:
+            problems.append(f"consistency_max={self.consistency_max} and consistency_shape={self.consistency_shape} "
+                            "must be >= 0")
         if problems:
             raise ValueError("invalid Progressive Teacher config: " + "; ".join(problems))
 
@@ -201,19 +214,21 @@ def ema_alpha(t: int, ema_max: float = 0.999) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """theta' <- alpha theta' + (1 - alpha) theta (Eq. 7), for parameters and float buffers.
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, buffers: bool = False) -> None:
+    """theta' <- alpha theta' + (1 - alpha) theta (Eq. 7) for the parameters.
 
-    BatchNorm running statistics are averaged the same way so that the teacher can run in eval mode
-    (deterministic selection); integer buffers (num_batches_tracked) are copied.
+    Buffers (BatchNorm running statistics) are left alone by default: PT's teachers run in train mode and
+    keep statistics of their own. ``buffers=True`` averages float buffers the same way and copies integer
+    ones (num_batches_tracked), for teachers that only ever run in eval mode.
     """
     for tp, sp in zip(teacher.parameters(), student.parameters()):
         tp.mul_(alpha).add_(sp.detach(), alpha=1.0 - alpha)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        if tb.dtype.is_floating_point:
-            tb.mul_(alpha).add_(sb, alpha=1.0 - alpha)
-        else:
-            tb.copy_(sb)
+    if buffers:
+        for tb, sb in zip(teacher.buffers(), student.buffers()):
+            if tb.dtype.is_floating_point:
+                tb.mul_(alpha).add_(sb, alpha=1.0 - alpha)
+            else:
+                tb.copy_(sb)
 
 
 def selection_ratio(t: int, forget_rate: float, turn_iters: int = 300, mode: str = "progressive") -> float:
@@ -376,6 +391,12 @@ def pt_step(
     t_probs, t_losses, small, selected, kept, correct = [], [], [], [], [], []
     with torch.no_grad():
         for teacher in teachers:
+            # Train mode, as in Mean Teacher's reference implementation: BatchNorm normalises with the
+            # batch's statistics, the same way as the student whose outputs are compared with these, and
+            # the teacher's running statistics (used at test time) come from its own forward passes, so
+            # they match its averaged weights. Eval mode here made the consistency targets systematically
+            # off and the teachers far worse than their students on the synthetic data.
+            teacher.train()
             logits, conf = teacher(normalize(_augment(x, gen, cfg.hflip)))
             logits = logits.float()
             loss = F.cross_entropy(logits[:nl], yl, reduction="none")

@@ -12,10 +12,25 @@ import torch.nn.functional as F
 
 from storage.ingest import write_image_table
 from storage.synthetic import SyntheticConfig, generate
-from tasks.featloss import (FeatLossConfig, FeatLossNet, amplify_weights, center_loss, class_balance_weights,
-                            crop_views, decayed_weight, evaluate_featloss, feature_loss, five_crop_offsets,
-                            load_featloss_model, softmax_loss, sparsity_objective, train_featloss, update_centers,
-                            variant_config, vote)
+from tasks.featloss import (
+    FeatLossConfig,
+    FeatLossNet,
+    amplify_weights,
+    center_loss,
+    class_balance_weights,
+    crop_views,
+    decayed_weight,
+    evaluate_featloss,
+    feature_loss,
+    five_crop_offsets,
+    load_featloss_model,
+    softmax_loss,
+    sparsity_objective,
+    train_featloss,
+    update_centers,
+    variant_config,
+    vote,
+)
 from tasks.handcrafted import HandcraftedConfig, compute_features
 
 
@@ -140,6 +155,14 @@ def test_five_crops_mirrors_and_voting_eq12():
     assert vote(p).tolist() == [1]
 
 
+def test_mirrored_views_are_guided_by_the_mirrored_images_features():
+    from tasks.featloss import _pick
+
+    orig, mirrored = torch.eye(3), -torch.eye(3)
+    out = _pick({"gsf": (orig, mirrored)}, "gsf", torch.tensor([2, 0]), torch.tensor([True, False]), torch.device("cpu"))
+    assert out.tolist() == [[0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]
+
+
 def test_network_structures_and_masks():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
@@ -243,7 +266,7 @@ def test_cli_features_train_and_user_errors(data, tmp_path, capsys):
     main(["featloss", "train", table, out, "--features", feats, "--variant", "gsf", "--size", "28", "--load-size",
           "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu"])
     text = capsys.readouterr().out
-    assert "gsf" in text and "Acc. (vote)" in text
+    assert "gsf" in text and "Acc. vote" in text
     assert json.load(open(f"{out}/metrics.json"))["n"] == 14
     cases = [
         (["featloss", "train", table, str(tmp_path / "a"), "--variant", "sift"], "give --features"),

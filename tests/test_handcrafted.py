@@ -7,8 +7,19 @@ import pytest
 from storage.ingest import write_image_table
 from storage.synthetic import SyntheticConfig, generate
 from tasks.data import decode_resized
-from tasks.handcrafted import (HandcraftedConfig, PatchProjection, _gray, compute_features, dense_sift, feature_dims,
-                               fit_projection, gabor_bank, gabor_histograms, load_features, load_projection)
+from tasks.handcrafted import (
+    HandcraftedConfig,
+    PatchProjection,
+    _gray,
+    compute_features,
+    dense_sift,
+    feature_dims,
+    fit_projection,
+    gabor_bank,
+    gabor_histograms,
+    load_features,
+    load_projection,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +115,8 @@ def test_features_artifact_one_row_per_image_with_all_kinds(table, features):
 
 
 def test_features_are_computed_once_then_reused(table, features, monkeypatch):
-    from storage.artifact import Artifact
     import tasks.handcrafted as hc
+    from storage.artifact import Artifact
 
     before = Artifact(features).manifest
 

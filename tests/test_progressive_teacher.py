@@ -32,19 +32,24 @@ def test_ema_alpha_follows_the_paper_schedule():
     assert ema_alpha(10_000, ema_max=0.99) == pytest.approx(0.99)
 
 
-def test_ema_update_averages_parameters_and_float_buffers():
+def test_ema_update_averages_parameters_and_optionally_buffers():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     student(torch.randn(8, 3))  # moves the student's BN running stats and counter
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    ema_update(teacher, student, 0.75)
-    for k, v in teacher.state_dict().items():
-        s = student.state_dict()[k]
-        if v.dtype.is_floating_point:
-            assert torch.allclose(v, 0.75 * before[k] + 0.25 * s), k
-        else:
-            assert torch.equal(v, s), k  # num_batches_tracked is copied
+    for buffers in (False, True):
+        torch.manual_seed(1)
+        teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        ema_update(teacher, student, 0.75, buffers=buffers)
+        params = {k for k, _ in teacher.named_parameters()}
+        for k, v in teacher.state_dict().items():
+            s = student.state_dict()[k]
+            if k in params or (buffers and v.dtype.is_floating_point):
+                assert torch.allclose(v, 0.75 * before[k] + 0.25 * s), k
+            elif buffers:
+                assert torch.equal(v, s), k  # num_batches_tracked is copied
+            else:
+                assert torch.equal(v, before[k]), k  # PT's teachers keep BN statistics of their own
 
 
 def test_selection_ratio_progressive_and_fixed():
@@ -397,6 +402,20 @@ def test_prefect_flow_builds_table_4_and_reuses_finished_stages(noisy_colors, tm
     assert again["rows"] == first["rows"]
     events = [json.loads(line)["event"] for line in open(f"{out}/ledger.jsonl")]
     assert events.count("reused") == 8  # noise, 3 trainings, 3 evaluations, the PT report
+
+
+@pytest.mark.slow  # a few seconds, but the first flow test of a session pays Prefect's ~20 s server start
+def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path):
+    from flows.pt import pt_flow
+
+    out = str(tmp_path / "flow")
+    cfg = {"input_size": 16, "epochs": 1, "batch_size": 16, "turn_iters": 5, "device": "cpu"}
+    res = pt_flow(out=out, noise_rates=[0.25], config=cfg, compare=False,
+                  synthetic_options={"train_per_class": 4, "test_per_class": 2, "pool_size": 24, "n_identities": 3})
+    assert "/data/synthetic-" in res["labeled_uri"] and res["pool_uri"] == res["labeled_uri"]
+    assert list(res["config"]["pool_splits"]) == ["pool"] and res["test_splits"] == ["test"]
+    assert [r["method"] for r in res["rows"]] == ["PT"] and res["rows"][0]["noise"] == 0.25
+    assert res["rows"][0]["forget_rate"] == pytest.approx(0.35)  # the paper's rule: 25% symmetric + 0.1
 
 
 def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys):

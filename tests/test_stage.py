@@ -49,11 +49,12 @@ def test_killed_stage_resumes_in_same_folder_and_is_not_reused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run.stage("s", {}, {}, crash)
     st = {r["stage"]: r for r in run.status()}
-    assert st["s"]["state"] == "failed"
+    assert st["s"]["state"] == "failed" and "KeyboardInterrupt" in st["s"]["error"]
     rec = run.stage("s", {}, {}, _write(2))
     assert not rec.reused and len(Artifact(rec.uri)) == 2
     assert read_record(rec.uri).identity == rec.identity
-    assert {r["stage"]: r for r in run.status()}["s"]["state"] == "finished"
+    done = {r["stage"]: r for r in run.status()}["s"]
+    assert done["state"] == "finished" and "error" not in done  # the old failure is not shown as current
 
 
 def test_torn_stage_record_means_unfinished(tmp_path):

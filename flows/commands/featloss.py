@@ -53,30 +53,34 @@ def _config(**kw: Any):
 
 
 def _common(arch: str, size: int, load_size: Optional[int], epochs: int, round_epochs: int, batch_size: int,
-            lr: float, lambda_f: float, rho: float, gamma: float, norm: int, no_balance: bool, no_five_crop: bool,
+            lr: float, lambda_f1: float, lambda_f: float, rho: float, gamma: float, norm: int, no_balance: bool,
+            no_five_crop: bool,
             train_split: str, val_split: str, seed: int, device: str) -> dict[str, Any]:
     return dict(arch=arch, input_size=size, load_size=load_size if load_size is not None else size + max(2, size // 8),
-                epochs=epochs, round_epochs=round_epochs, batch_size=batch_size, lr=lr, lambda_f1=lambda_f,
+                epochs=epochs, round_epochs=round_epochs, batch_size=batch_size, lr=lr, lambda_f1=lambda_f1,
                 lambda_f2=lambda_f, lambda_b=lambda_f, rho=rho, gamma=gamma, norm=norm, class_balanced=not no_balance,
                 five_crop=not no_five_crop, train_splits=_splits(train_split, "--train-split"),
                 val_splits=_splits(val_split, "--val-split"), seed=seed, device=device)
 
 
 def _results_table(rows: list[dict[str, Any]], title: str):
+    """Compact enough for 80 columns; the variants are explained by `--help` and results.md."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ("Variant", "Method", "Acc. (vote)", "Mean class acc.", "Acc. (centre)", "Weights (l1, l2)"):
-        table.add_column(col, justify="left" if col in ("Variant", "Method") else "right")
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD)
+    table.add_column("Variant", no_wrap=True)
+    for col in ("Acc. vote", "Mean cls acc.", "Acc. centre", "l1, l2"):
+        table.add_column(col, justify="right", no_wrap=True)
     best = max((r["accuracy"] for r in rows if r.get("accuracy") is not None), default=None)
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     for r in rows:
         acc = r.get("accuracy")
-        s = "" if acc is None else f"{100 * acc:.2f}%"
         lam = r.get("lambdas")
-        table.add_row(r["variant"], r.get("method", ""), f"[bold]{s}[/]" if acc == best and len(rows) > 1 else s,
-                      "" if r.get("mean_class_accuracy") is None else f"{100 * r['mean_class_accuracy']:.2f}%",
-                      "" if r.get("accuracy_center") is None else f"{100 * r['accuracy_center']:.2f}%",
-                      "" if not lam else f"{lam[0]:.3f}, {lam[1]:.3f}")
+        table.add_row(r["variant"], f"[bold]{pct(acc)}[/]" if acc == best and len(rows) > 1 else pct(acc),
+                      pct(r.get("mean_class_accuracy")), pct(r.get("accuracy_center")),
+                      "" if not lam else f"{lam[0]:.2f}, {lam[1]:.2f}")
     return table
 
 
@@ -138,8 +142,10 @@ def register(app: typer.Typer) -> None:
         round_epochs: int = typer.Option(2, "--round-epochs", help="Epochs between loss-weight updates (MaxIter)."),
         batch_size: int = typer.Option(32, "--batch-size"),
         lr: float = typer.Option(0.02, "--lr"),
-        lambda_f: float = typer.Option(0.05, "--lambda-f", help="Initial feature-loss weight (lambda_F1, lambda_F2, "
-                                       "lambda_b)."),
+        lambda_f1: float = typer.Option(1e-4, "--lambda-f1", help="Initial weight of the feature loss on z "
+                                        "(GABOR)."),
+        lambda_f: float = typer.Option(0.05, "--lambda-f", help="Initial weight of the feature losses on x "
+                                       "(lambda_F2, lambda_b)."),
         rho: float = typer.Option(0.9, "--rho", help="Per-epoch decay of the feature-loss weights (Eq. 6)."),
         gamma: float = typer.Option(1.2, "--gamma", help="Amplification of the better loss's weight (Eq. 10)."),
         norm: int = typer.Option(2, "--norm", help="p of the feature loss: 1 or 2."),
@@ -157,11 +163,16 @@ def register(app: typer.Typer) -> None:
         from flows.progress import progress_bar
         from storage.artifact import join
         from tasks.checkpoint import atomic_write_bytes, dumps_json
-        from tasks.featloss import VARIANT_TITLES, evaluate_featloss, train_featloss, variant_config
+        from tasks.featloss import (
+            VARIANT_TITLES,
+            evaluate_featloss,
+            train_featloss,
+            variant_config,
+        )
 
         _table(table, "TABLE")
-        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f, rho, gamma,
-                                 norm, no_balance, no_five_crop, train_split, val_split, seed, device))
+        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f1, lambda_f, rho,
+                                 gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device))
         try:
             cfg = variant_config(variant, base)
         except ValueError as e:
@@ -175,7 +186,8 @@ def register(app: typer.Typer) -> None:
             with progress_bar(f"featloss {variant}", None) as bar:
                 def cb(d: dict[str, Any]) -> None:
                     if d["event"] == "step":
-                        bar.update(0, total=d["steps"] * d["epochs"], completed=(d["epoch"] - 1) * d["steps"] + d["step"],
+                        done = (d["epoch"] - 1) * d["steps"] + d["step"]
+                        bar.update(0, total=d["steps"] * d["epochs"], completed=done,
                                    info=f"{d['phase']} epoch {d['epoch']}/{d['epochs']} loss {d['loss']:.3f}")
 
                 res = train_featloss(cfg, table, features if cfg.features else None, out, progress=cb)
@@ -202,6 +214,7 @@ def register(app: typer.Typer) -> None:
         round_epochs: int = typer.Option(2, "--round-epochs"),
         batch_size: int = typer.Option(32, "--batch-size"),
         lr: float = typer.Option(0.02, "--lr"),
+        lambda_f1: float = typer.Option(1e-4, "--lambda-f1"),
         lambda_f: float = typer.Option(0.05, "--lambda-f"),
         rho: float = typer.Option(0.9, "--rho"),
         gamma: float = typer.Option(1.2, "--gamma"),
@@ -212,8 +225,9 @@ def register(app: typer.Typer) -> None:
         val_split: str = typer.Option("val", "--val-split"),
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option("auto", "--device"),
-        synthetic_option: Optional[list[str]] = typer.Option(None, "--synthetic-option", help="key=value setting of "
-                                                             "the synthetic data (e.g. train_per_class=150); repeatable."),
+        synthetic_option: Optional[list[str]] = typer.Option(
+            None, "--synthetic-option", help="key=value setting of the synthetic data (e.g. train_per_class=150); "
+            "repeatable."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the run's HTML report."),
     ) -> None:
         """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (a Prefect flow)."""
@@ -231,8 +245,8 @@ def register(app: typer.Typer) -> None:
             _table(table, "--table")
         if test:
             _table(test, "--test")
-        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f, rho, gamma,
-                                 norm, no_balance, no_five_crop, train_split, val_split, seed, device))
+        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f1, lambda_f, rho,
+                                 gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device))
         synth = parse_options(list(synthetic_option or []))
         if not table:
             from flows.featloss import SYNTHETIC_DEFAULTS
@@ -249,8 +263,9 @@ def register(app: typer.Typer) -> None:
         cfg = {k: v for k, v in base.to_dict().items()
                if k not in ("z_feature", "x_features", "structure", "adaptive")}
         try:
-            summary = featloss_flow(out, table_uri=table, test_uri=test, test_splits=list(_splits(test_split, "--test-split")),
-                                    variants=names, config=cfg, synthetic=synth, report=report)
+            summary = featloss_flow(out, table_uri=table, test_uri=test,
+                                    test_splits=list(_splits(test_split, "--test-split")), variants=names,
+                                    config=cfg, synthetic=synth, report=report)
         except (ValueError, ConfigError, FloatingPointError) as e:
             raise UserError(str(e)) from None
         rows = []

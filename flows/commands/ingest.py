@@ -230,7 +230,7 @@ def register(app: typer.Typer) -> None:
                                   help="Where to write the image table (an fsspec URI; rejects go to OUT/rejects)."),
         rows_per_shard: int = typer.Option(1024, "--rows-per-shard", min=1, help="Rows per Parquet shard."),
         option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
-                                         help="Reader option, repeatable (e.g. -o aligned=false, -o limit=1000)."),
+                                         help="Reader option, repeatable (e.g. rafdb: -o aligned=false; ms1m: -o limit=1000; `fermine formats` lists each reader's)."),
     ) -> None:
         """Read a public FER data set into an image table, with its rejects (entries that could not be used)."""
         import time

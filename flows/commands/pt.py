@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 
 import typer
 
-SYNTHETIC = "synthetic"
+SYNTHETIC = "synthetic"  # same word as flows.pt.SYNTHETIC (not imported: keeps `fermine --help` light)
 DEFAULT_COMPARE_RATES = (0.0, 0.1, 0.2, 0.3)
 
 
@@ -20,24 +20,6 @@ def _split_list(values: list[str] | None, default: tuple[str, ...] | None) -> tu
 
 def _pct(rate: float) -> str:
     return f"{100 * rate:g}"
-
-
-def _synthetic_table(out: str, size: int, options: dict[str, Any]) -> str:
-    """The embedded synthetic data set (train/test/pool splits), generated once under OUT/data."""
-    import dataclasses
-    import hashlib
-    import json
-
-    from storage.artifact import is_finished, join
-    from storage.ingest import write_image_table
-    from storage.synthetic import config_from_options, generate
-
-    cfg = config_from_options(**{"size": size, "pool_size": 2100, **options})
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
-    uri = join(out, "data", f"synthetic-{digest[:12]}")
-    if not is_finished(uri):
-        write_image_table(generate(cfg), uri, stage="ingest", config={"format": SYNTHETIC, **dataclasses.asdict(cfg)})
-    return uri
 
 
 def register(app: typer.Typer) -> None:
@@ -70,6 +52,11 @@ def register(app: typer.Typer) -> None:
                                                     "per batch. Default: the paper's rule (noise rate + 0.1 for "
                                                     "symmetric noise, 0.05 without noise)."),
         turn_iters: int = typer.Option(300, "--turn-iters", "-T", help="T: iteration at which R(t) reaches 1 - r."),
+        ema_max: float = typer.Option(0.999, help="Cap of the teachers' EMA coefficient alpha = min(1 - 1/(1 + "
+                                      "iter), cap) (paper: 0.999; 0.99 suits short from-scratch runs)."),
+        consistency_max: float = typer.Option(10.0, help="Final consistency weight: w = max * exp(-shape * "
+                                              "(1 - epoch/N)^2) (paper: 10)."),
+        consistency_shape: float = typer.Option(5.0, help="Shape of the consistency ramp-up (paper: 5)."),
         ratio: str = typer.Option("progressive", help="progressive (Eq. 8) or fixed (R = 1 - r throughout)."),
         guidance: str = typer.Option("cross", help="cross (teachers select for the other pair's student) or same."),
         consistency_guidance: Optional[str] = typer.Option(None, help="cross or same; default: as --guidance."),
@@ -116,24 +103,8 @@ def register(app: typer.Typer) -> None:
         if is_finished(out):
             raise UserError(f"OUT {out} is an image table; give a folder for the runs (did you forget an argument?)")
 
-        synth = None
-        if SYNTHETIC in (labeled, pool, test):
-            from flows.commands.ingest import parse_options
-
-            try:
-                with console.status("generating the synthetic data set"):
-                    synth = _synthetic_table(out, size, parse_options(list(synthetic_option or [])))
-            except ValueError as e:
-                raise UserError(str(e)) from e
-        labeled_uri = synth if labeled == SYNTHETIC else labeled
-        pool_uri = None if pool == "-" else (synth if pool == SYNTHETIC else pool)
-        test_uri = synth if test == SYNTHETIC else test
         pool_splits = _split_list(pool_split, ("pool",) if pool == SYNTHETIC else None)
-        for name, uri in (("LABELED", labeled_uri), ("POOL", pool_uri), ("TEST", test_uri), ("--val", val)):
-            if uri is not None and not is_finished(uri):
-                raise UserError(f"{name}: no finished image table at {uri}; check the path, or run "
-                                "`fermine ingest` first")
-
+        # Settings are checked before any data is generated or read, so a typo fails at once.
         from tasks.label_noise import inject_noise
         from tasks.progressive_teacher import PTConfig, mean_teacher_config
 
@@ -142,7 +113,9 @@ def register(app: typer.Typer) -> None:
                 arch=arch, input_size=size, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
                 labeled_fraction=labeled_fraction, lr=lr, lr_steps=tuple(lr_step) if lr_step else (3,),
                 lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, forget_rate=forget_rate,
-                turn_iters=turn_iters, ratio=ratio, guidance=guidance, consistency_guidance=consistency_guidance,
+                turn_iters=turn_iters, ema_max=ema_max, consistency_max=consistency_max,
+                consistency_shape=consistency_shape, ratio=ratio, guidance=guidance,
+                consistency_guidance=consistency_guidance,
                 n_pairs=pairs, confidence_estimator=confidence, confidence_threshold=confidence_threshold,
                 seed=seed, device=device, train_splits=train_splits, pool_splits=pool_splits,
                 val_splits=_split_list(val_split, ("val",)) or ("val",),
@@ -156,6 +129,24 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
         except ValueError as e:
             raise UserError(str(e)) from e
+
+        synth = None
+        if SYNTHETIC in (labeled, pool, test):
+            from flows.commands.ingest import parse_options
+            from flows.pt import synthetic_table
+
+            try:
+                with console.status("generating the synthetic data set"):
+                    synth = synthetic_table(out, size, parse_options(list(synthetic_option or [])))
+            except ValueError as e:
+                raise UserError(str(e)) from e
+        labeled_uri = synth if labeled == SYNTHETIC else labeled
+        pool_uri = None if pool == "-" else (synth if pool == SYNTHETIC else pool)
+        test_uri = synth if test == SYNTHETIC else test
+        for name, uri in (("LABELED", labeled_uri), ("POOL", pool_uri), ("TEST", test_uri), ("--val", val)):
+            if uri is not None and not is_finished(uri):
+                raise UserError(f"{name}: no finished image table at {uri}; check the path, or run "
+                                "`fermine ingest` first")
 
         results: list[dict[str, Any]] = []
         try:

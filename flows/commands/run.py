@@ -93,8 +93,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from flows.stage import Run, fs_size
+        from flows.stage import LEDGER, Run, fs_size
+        from storage.artifact import _fs
 
+        fs, path = _fs(run)
+        if not fs.exists(f"{path.rstrip('/')}/{LEDGER}"):  # checked first: Run() would create the folder
+            raise UserError(f"{run} has no recorded stages; is it a run folder (the config's `out`)?")
         r = Run(run)
         rows = r.status()
         if not rows:
@@ -125,11 +129,13 @@ def register(app: typer.Typer) -> None:
 
         import yaml
 
+        if not defaults and config is None:
+            raise UserError("pass a config file to validate it, or --defaults to print every default")
         cfg = _load(config, [])
         stages = _resolve(cfg)
         resolved = {"run": cfg.model_dump(mode="json", exclude=set(stages) | {"retrain"}), **stages}
         out = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in resolved.items()}
-        if not defaults and config is None:
-            typer.echo("pass a config file to validate it, or --defaults to print every default")
+        # PASM trains and attacks with the run's `teacher` and `attack` sections: show them there only.
+        out["pasm"] = {k: v for k, v in out["pasm"].items() if k not in ("train", "attack")}
         typer.echo(yaml.safe_dump(json.loads(json.dumps(out, default=list)), sort_keys=False))
 
