@@ -15,6 +15,7 @@ from torch import nn
 from storage.artifact import Artifact, ArtifactWriter
 from storage.images import encode
 from storage.schema import IMAGE_SCHEMA, image_row
+from tasks.data import normalize
 from tasks.label_noise import inject_noise
 from tasks.models import FERNet
 from tasks.progressive_teacher import (PTConfig, PTNet, consistency_weight, ema_alpha, ema_update,
@@ -184,6 +185,45 @@ def test_confidence_estimator_keeps_confident_large_loss_samples(conf_bias, kept
         assert int(info.small_loss[k].sum()) == 2
         assert int(info.conf_kept[k].sum()) == kept
         assert torch.equal(info.selected[k], info.small_loss[k] | info.conf_kept[k])
+
+
+def _bn_net(seed: int) -> PTNet:
+    """A net whose train-mode outputs depend on the batch's BatchNorm statistics."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 4), nn.BatchNorm1d(4))
+    return PTNet(FERNet("bn", body, 4, 2), False)
+
+
+@pytest.mark.parametrize("split_bn", [False, True])
+def test_split_bn_keeps_pool_statistics_out_of_the_labeled_pass(split_bn):
+    # The teachers' losses on the labeled images (what the selection ranks) must not depend on which pool
+    # images share the batch when split_bn is on; with one joint pass they do.
+    cfg = PTConfig(num_classes=2, batch_size=8, labeled_fraction=0.5, turn_iters=1, hflip=False, split_bn=split_bn)
+    g = torch.Generator().manual_seed(0)
+    xl = torch.randint(0, 256, (4, 3, 4, 4), generator=g, dtype=torch.uint8)
+    yl = torch.tensor([0, 1, 0, 1])
+    pools = [torch.randint(0, 60, (4, 3, 4, 4), generator=g, dtype=torch.uint8),
+             torch.randint(190, 256, (4, 3, 4, 4), generator=g, dtype=torch.uint8)]
+    losses = []
+    for xu in pools:
+        students, teachers = [_bn_net(0), _bn_net(1)], [_bn_net(0), _bn_net(1)]
+        opts = [torch.optim.SGD(s.parameters(), lr=0.01) for s in students]
+        info = pt_step(students, teachers, opts, xl, yl, xu, t=1, epoch_pos=0.0, cfg=cfg, forget_rate=0.5,
+                       gen=torch.Generator().manual_seed(0))
+        losses.append(torch.stack(info.teacher_losses))
+    if split_bn:
+        assert torch.allclose(losses[0], losses[1])
+        teacher = _bn_net(0).train()
+        assert torch.allclose(losses[0][0], nn.functional.cross_entropy(
+            teacher(normalize(xl))[0], yl, reduction="none"), atol=1e-6)  # = a labeled-only pass
+    else:
+        assert not torch.allclose(losses[0], losses[1])
+
+
+def test_split_bn_needs_two_images_in_each_part():
+    with pytest.raises(ValueError, match="split_bn needs >= 2 labeled"):
+        PTConfig(batch_size=4, labeled_fraction=0.25, split_bn=True)  # 1 labeled image per batch
+    assert PTConfig(batch_size=8, labeled_fraction=0.25, split_bn=True).split_bn
 
 
 # ---------------------------------------------------------------- end to end on a tiny learnable set
@@ -384,6 +424,12 @@ def test_cli_reports_user_mistakes_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["pt", "x", "-", "x", str(tmp_path / "o"), "--noise", "1.5"])
     assert e.value.code == 2
+    # Settings are checked before any data is generated: nothing is written for a bad one.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["pt", "synthetic", "synthetic", "synthetic", str(tmp_path / "s"), "--consistency-max", "-1"])
+    assert e.value.code == 2 and "consistency_max" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from storage.artifact import Artifact, Manifest
 from tasks.attack import REJECTS_TABLE_SCHEMA, AttackConfig, make_shard_processor, resume_guard, stage_config
 from workers.cluster import RayConfig, connect
-from workers.sharded import PoolConfig, run_sharded
+from workers.sharded import PoolConfig, default_pool, run_sharded
 
 STAGE = "attack"
 COLUMNS = ["id", "image", "label", "split"]
@@ -46,23 +46,6 @@ def attack_factory(checkpoint_uri: str, cfg: AttackConfig, threads: int | None =
         torch.set_num_threads(int(threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from CPU-only actors
     return make_shard_processor(checkpoint_uri, cfg, device)
-
-
-def default_pool(workers: int | None = None, gpus_per_worker: float | None = None,
-                 cpus_per_worker: float | None = None) -> PoolConfig:
-    """One actor per GPU when the cluster has GPUs; else one actor per 2 CPUs (torch threads = its CPUs)."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if workers is None:
-        workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else max(1, int(cpus // 2))
-    workers = max(1, workers)
-    if cpus_per_worker is None:
-        cpus_per_worker = max(1.0, min(8.0, cpus // workers)) if cpus >= workers else max(0.1, cpus / workers)
-    return PoolConfig(num_actors=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
 
 
 def attack_artifact(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackConfig = AttackConfig(), *,
@@ -109,7 +92,7 @@ def run_attack(
     if finished is not None:
         return AttackRun(out_uri, finished, finished.rows, int(finished.extra.get("rejects", 0)), 0.0, True, None)
     connect(ray_cfg)
-    pool = replace(default_pool(workers, gpus_per_worker, cpus_per_worker), max_retries=max_retries)
+    pool = replace(default_pool(workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker), max_retries=max_retries)
     t0 = time.perf_counter()
     m = attack_artifact(checkpoint_uri, table_uri, out_uri, cfg, pool=pool, on_shard=on_shard)
     return AttackRun(out_uri, m, m.rows, int(m.extra.get("rejects", 0)), time.perf_counter() - t0, False, pool)

@@ -25,7 +25,7 @@ from storage.schema import CLASSES, REJECTS_SCHEMA
 from tasks.centroids import checkpoint_digest, reuse_or_refuse
 from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, pool_columns
 from workers.cluster import RayConfig, connect
-from workers.sharded import PoolConfig, run_sharded
+from workers.sharded import default_pool, run_sharded
 
 IDENTITY_FILE = "_identity.json"  # written before the first shard: partial output from other settings is refused
 
@@ -92,23 +92,6 @@ def _count_rows(pool: Artifact, splits: tuple[str, ...] | None) -> int:
     return n
 
 
-def default_pool(workers: int | None, cpus_per_worker: float | None, gpus_per_worker: float | None) -> PoolConfig:
-    """Actors for the connected cluster: one per GPU when there are GPUs, else one per 2 CPUs."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if workers is None:
-        workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else max(1, int(cpus // 2))
-    workers = max(1, workers)
-    if cpus_per_worker is None:
-        # On GPU nodes the CPUs feed the GPUs (decoding); on CPU nodes they run the model.
-        cpus_per_worker = max(1.0, min(8.0, cpus // workers)) if cpus >= workers else max(0.1, cpus / workers)
-    return PoolConfig(num_actors=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-
-
 def mine_pool(
     checkpoint_uri: str,
     centroids_uri: str,
@@ -139,7 +122,7 @@ def mine_pool(
         return _result(out_uri, m, 0.0, True)
     _claim(out_uri, ident)
     connect(ray_cfg)
-    pc_ = default_pool(workers, cpus_per_worker, gpus_per_worker)
+    pc_ = default_pool(workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     pc_ = replace(pc_, max_retries=max_retries)
     run_cfg = cfg
     if cfg.torch_threads is None and pc_.num_gpus == 0:

@@ -40,6 +40,25 @@ class PoolConfig:
     max_retries: int = 3  # per shard, for application errors; killed workers are restarted by Ray
 
 
+def default_pool(workers: int | None = None, *, gpus_per_worker: float | None = None,
+                 cpus_per_worker: float | None = None) -> PoolConfig:
+    """Actors for the connected cluster: one per GPU when it has GPUs, else one per 2 CPUs.
+
+    None = decide from ``ray.cluster_resources()``. On GPU nodes the CPUs feed the GPUs (decoding);
+    on CPU nodes they run the model (torch threads = the actor's CPUs).
+    """
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if workers is None:
+        workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else max(1, int(cpus // 2))
+    workers = max(1, workers)
+    if cpus_per_worker is None:
+        cpus_per_worker = max(1.0, min(8.0, cpus // workers)) if cpus >= workers else max(0.1, cpus / workers)
+    return PoolConfig(num_actors=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+
+
 @ray.remote
 class ShardActor:
     def __init__(self, factory: ProcessorFactory):

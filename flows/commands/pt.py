@@ -82,7 +82,13 @@ def register(app: typer.Typer) -> None:
         report: bool = typer.Option(True, "--report/--no-report", help="Write the filtered-samples report "
                                     "(per-class table + image grid) of every PT run."),
     ) -> None:
-        """Progressive Teacher: two EMA teachers pick small-loss labeled samples for each other's student."""
+        """Progressive Teacher: two EMA teachers pick small-loss labeled samples for each other's student.
+
+        Defaults are the paper's (a pretrained ResNet-18 on RAF-DB). From scratch on the synthetic data,
+        give T about half the iterations and --ema-max 0.99; the measured comparison used: --compare
+        --size 48 --batch-size 64 --epochs 30 --lr-step 24 -T 390 --ema-max 0.99 --synthetic-option
+        train_per_class=60 --synthetic-option intensity_min=0.6.
+        """
         from rich.console import Console
         from rich.table import Table
 

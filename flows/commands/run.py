@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import List, Optional
 
@@ -26,7 +27,7 @@ def _print_summary(summary: dict, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console() if sys.stdout.isatty() else Console(width=120)  # logs: no 80-column cut
     recs = summary.get("results", [])
     if recs:
         t = Table(title=f"{summary.get('name')}: results")
