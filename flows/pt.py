@@ -27,11 +27,12 @@ SYNTHETIC = "synthetic"
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"pool_size": 2100}
 
 
-def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) -> str:
+def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None, defaults: bool = True) -> str:
     """The embedded synthetic data set (train/test/pool splits), generated once under ``<out>/data``.
 
     The folder name is a digest of the generator's config, so other options give another table and the
-    same options reuse the finished one. Raises ValueError for unknown or mistyped options.
+    same options reuse the finished one. ``defaults``: start from SYNTHETIC_DEFAULTS (PT's pool size).
+    Raises ValueError for unknown or mistyped options.
     """
     import dataclasses
     import hashlib
@@ -40,12 +41,56 @@ def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) 
     from storage.ingest import write_image_table
     from storage.synthetic import config_from_options, generate
 
-    cfg = config_from_options(**{"size": size, **SYNTHETIC_DEFAULTS, **(options or {})})
+    cfg = config_from_options(**{"size": size, **(SYNTHETIC_DEFAULTS if defaults else {}), **(options or {})})
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
     uri = join(out, "data", f"synthetic-{digest[:12]}")
     if not is_finished(uri):
         write_image_table(generate(cfg), uri, stage="ingest", config={"format": SYNTHETIC, **dataclasses.asdict(cfg)})
     return uri
+
+
+# Stand-in for the paper's pretrained backbone (ResNet-18 pretrained on a face data set; no weights can be
+# downloaded here, SPEC.md): the *other* rendering style "b", other people (seed 1), clean labels, no pool.
+SYNTHETIC_PRETRAIN_OPTIONS: dict[str, Any] = {"style": "b", "seed": 1, "train_per_class": 300, "val_per_class": 0,
+                                              "test_per_class": 30, "pool_size": 0}
+SYNTHETIC_PRETRAIN_EPOCHS = 15
+
+
+def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int = SYNTHETIC_PRETRAIN_EPOCHS,
+                       device: str = "auto", seed: int = 0) -> str:
+    """Pretrain ``arch`` once on the clean style-b synthetic set; returns the backbone weights file.
+
+    The file holds every weight except the classifier head (``head.*``), like a face-recognition
+    backbone: each model started from it gets a fresh expression head of its own, so PT's two pairs still
+    start from different initialisations (different heads), as in the paper. Stored under
+    ``<out>/data/pretrain-<digest>`` (digest of data and training settings): reused when finished, and an
+    interrupted pretraining resumes (tasks.train).
+    """
+    import hashlib
+
+    import torch
+
+    from storage.artifact import _fs
+    from tasks.checkpoint import atomic_write_bytes
+    from tasks.models import load_state_file
+    from tasks.train import TrainConfig, train
+
+    tcfg = TrainConfig(arch=arch, input_size=size, epochs=epochs, batch_size=64, lr=0.01, lr_step=10, seed=seed,
+                       device=device)
+    key = {"data": SYNTHETIC_PRETRAIN_OPTIONS, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = join(out, "data", f"pretrain-{digest}")
+    weights = join(root, "backbone.pt")
+    fs, path = _fs(weights)
+    if fs.exists(path):
+        return weights
+    data = synthetic_table(join(root, "data"), size, SYNTHETIC_PRETRAIN_OPTIONS, defaults=False)
+    res = train(tcfg, [data], join(root, "model"))
+    state = {k: v for k, v in load_state_file(res.checkpoint_uri).items() if not k.startswith("head.")}
+    buf = __import__("io").BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(weights, buf.getvalue())
+    return weights
 
 
 def _inject(labeled_uri: str, kind: str, rate: float, seed: int, splits: Sequence[str]):

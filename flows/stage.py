@@ -10,12 +10,15 @@ where the stage's own mechanisms (finished shards, last.pt) avoid redoing work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from storage.artifact import MANIFEST, Manifest, _atomic_put, _fs, identity, join
@@ -26,11 +29,28 @@ STAGE_RECORD = "_stage.json"
 LEDGER = "ledger.jsonl"
 
 
+# The packages whose code computes stage outputs; flows only wires them.
+COMPUTING_PACKAGES = ("storage", "tasks", "workers")
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """The installed version plus a digest of the computing packages' source.
+
+    The version alone would let an edited stage (editable installs, a hot-fixed image) reuse
+    outputs of the old code; the digest makes any change to a computation recompute.
+    """
     try:
-        return metadata.version("fermine")
+        version = metadata.version("fermine")
     except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "dev"
+        version = "dev"
+    h = hashlib.sha256()
+    for pkg in COMPUTING_PACKAGES:
+        root = Path(importlib.import_module(pkg).__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return f"{version}+{h.hexdigest()[:12]}"
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

@@ -108,3 +108,23 @@ def test_packaged_configs_resolve_and_run_refuses_bad_settings_before_starting(c
             main(["run", str(packaged_config("demo")), *[f"--set={s}" for s in bad]])
         assert e.value.code == 2
         assert why in capsys.readouterr().err
+
+
+def test_code_version_follows_the_source_of_the_computations(tmp_path, monkeypatch):
+    import flows.stage as stage_mod
+
+    pkg = tmp_path / "fermine_fake_tasks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text("LR = 0.01\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(stage_mod, "COMPUTING_PACKAGES", ("fermine_fake_tasks",))
+    stage_mod.code_version.cache_clear()
+    try:
+        before = stage_mod.code_version()
+        assert stage_mod.code_version() == before  # stable
+        (pkg / "train.py").write_text("LR = 0.02\n")  # an edited stage body
+        stage_mod.code_version.cache_clear()
+        assert stage_mod.code_version() != before
+    finally:
+        stage_mod.code_version.cache_clear()
