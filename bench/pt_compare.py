@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from storage.schema import CLASSES
 
-    print(f"\nsynthetic data, symmetric noise, {tag} (test: {', '.join(f'{n} n={rows[0][n]['n']}' for n in tests)})")
+    sizes = ", ".join(f"{n} n={rows[0][n]['n']}" for n in tests)
+    print(f"\nsynthetic data, symmetric noise, {tag} (test: {sizes})")
     head = f"{'method':>12} {'noise':>6} " + " ".join(f"{n:>10}" for n in tests) + "  filtered noisy/clean"
     print(head)
     for r in rows:

@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, ArtifactError, DatasetFormatError, FileNotFoundError, FileExistsError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except (ConnectionError, FloatingPointError) as e:
+        # Not the user's typo, but nothing a traceback explains better: Ray unreachable, a
+        # diverged training. The message says what happened and what to try.
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -57,7 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(e.exit_code)
+        if isinstance(e, _stage_failures()):
+            typer.secho(f"error: {e}\nRerun the same command to resume: finished shards are kept.", fg="red", err=True)
+            sys.exit(1)
         raise
+
+
+def _stage_failures() -> tuple[type, ...]:
+    """A Ray stage whose shard kept failing. Looked up only if loaded: `fermine --help` must not import Ray."""
+    mod = sys.modules.get("workers.sharded")
+    return (mod.ShardFailedError,) if mod is not None else ()
 
 
 def _click_exceptions() -> tuple[type, ...]:

@@ -27,6 +27,9 @@ class DataSource(BaseModel):
     root: str = ""  # data set folder (ignored for synthetic)
     options: dict[str, Any] = Field(default_factory=dict)  # reader options, e.g. {size: 64, seed: 0}
     rows_per_shard: int = 512
+    # Overrides of the run's `align` section for this source only, e.g. {detect: never} for
+    # releases that ship aligned crops (MS1M 112 x 112, FER2013 48 x 48): no MTCNN pass over them.
+    align: dict[str, Any] = Field(default_factory=dict)
 
 
 class RaySection(BaseModel):

@@ -56,15 +56,16 @@ SYNTHETIC_PRETRAIN_OPTIONS: dict[str, Any] = {"style": "b", "seed": 1, "train_pe
 SYNTHETIC_PRETRAIN_EPOCHS = 15
 
 
-def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int = SYNTHETIC_PRETRAIN_EPOCHS,
-                       device: str = "auto", seed: int = 0) -> str:
+def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int | None = None,
+                       device: str = "auto", seed: int = 0, options: dict[str, Any] | None = None) -> str:
     """Pretrain ``arch`` once on the clean style-b synthetic set; returns the backbone weights file.
 
     The file holds every weight except the classifier head (``head.*``), like a face-recognition
     backbone: each model started from it gets a fresh expression head of its own, so PT's two pairs still
     start from different initialisations (different heads), as in the paper. Stored under
     ``<out>/data/pretrain-<digest>`` (digest of data and training settings): reused when finished, and an
-    interrupted pretraining resumes (tasks.train).
+    interrupted pretraining resumes (tasks.train). ``epochs`` defaults to SYNTHETIC_PRETRAIN_EPOCHS and
+    ``options`` (storage.synthetic.SyntheticConfig fields) override SYNTHETIC_PRETRAIN_OPTIONS.
     """
     import hashlib
 
@@ -75,16 +76,17 @@ def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int
     from tasks.models import load_state_file
     from tasks.train import TrainConfig, train
 
-    tcfg = TrainConfig(arch=arch, input_size=size, epochs=epochs, batch_size=64, lr=0.01, lr_step=10, seed=seed,
+    data_options = {**SYNTHETIC_PRETRAIN_OPTIONS, **(options or {})}
+    tcfg = TrainConfig(arch=arch, input_size=size, epochs=epochs or SYNTHETIC_PRETRAIN_EPOCHS, batch_size=64, lr=0.01, lr_step=10, seed=seed,
                        device=device)
-    key = {"data": SYNTHETIC_PRETRAIN_OPTIONS, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}}
+    key = {"data": data_options, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = join(out, "data", f"pretrain-{digest}")
     weights = join(root, "backbone.pt")
     fs, path = _fs(weights)
     if fs.exists(path):
         return weights
-    data = synthetic_table(join(root, "data"), size, SYNTHETIC_PRETRAIN_OPTIONS, defaults=False)
+    data = synthetic_table(join(root, "data"), size, data_options, defaults=False)
     res = train(tcfg, [data], join(root, "model"))
     state = {k: v for k, v in load_state_file(res.checkpoint_uri).items() if not k.startswith("head.")}
     buf = __import__("io").BytesIO()
@@ -155,13 +157,15 @@ def pt_flow(
     compare: bool = True,
     val_uri: str | None = None,
     synthetic_options: dict[str, Any] | None = None,
+    synthetic_pretrain: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune baseline, Mean Teacher and PT (``compare``) or PT alone, at every noise rate (Table 4).
 
     ``labeled_uri="synthetic"`` (the default) generates the embedded synthetic data set under
     ``<out>/data`` (``synthetic_options``: storage.synthetic.SyntheticConfig fields) and uses its ``pool``
     split as the unlabeled pool and its ``test`` split for testing, unless ``pool_uri``/``test_uri`` are
-    given. ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri`` defaults to
+    given; with ``synthetic_pretrain`` (and no ``pretrained`` in ``config``) every method starts from the
+    backbone of :func:`synthetic_backbone`, as the paper starts from a pretrained one. ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri`` defaults to
     ``labeled_uri`` and ``test_splits`` to ["test"]; ``noise_rates`` to [0, 0.1, 0.2, 0.3].
     """
     from tasks.progressive_teacher import PTConfig, finetune_config, mean_teacher_config
@@ -172,6 +176,11 @@ def pt_flow(
         if pool_uri is None:
             pool_uri = labeled_uri
             overrides.setdefault("pool_splits", ["pool"])
+        if synthetic_pretrain and not overrides.get("pretrained"):
+            build_dataclass(PTConfig, overrides, "pt")  # a mistyped setting fails before the pretraining
+            overrides["pretrained"] = synthetic_backbone(
+                out, int(overrides.get("input_size", PTConfig.input_size)), str(overrides.get("arch", PTConfig.arch)),
+                device=str(overrides.get("device", PTConfig.device)), seed=int(overrides.get("seed", PTConfig.seed)))
     cfg = build_dataclass(PTConfig, overrides, "pt")
     test_uri = test_uri or labeled_uri
     splits = list(test_splits) if test_splits is not None else ["test"]

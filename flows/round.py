@@ -17,7 +17,7 @@ import fsspec
 from prefect import flow, get_run_logger
 
 from flows import steps
-from flows.config import ConfigError, RunConfig, load_config
+from flows.config import ConfigError, DataSource, RunConfig, load_config
 from flows.prefect_tasks import stage
 from flows.results import ResultsTable, publish_results
 from flows.stage import Run
@@ -50,20 +50,18 @@ class Round:
     # ---- data -------------------------------------------------------------------------------
     def data(self) -> None:
         c = self.cfg
-        labeled = stage(self.run, "ingest", c.labeled, {}, steps.ingest(c.labeled))
-        align_cfg = steps.align_config(c.align)
-        aligned = stage(self.run, "align", align_cfg, {"images": labeled.uri},
-                        steps.align(align_cfg, labeled.uri, c.ray), ray=True)
-        self.uris["labeled"] = aligned.uri
-        self.uris["pool"] = aligned.uri
+        self.uris["labeled"] = self.uris["pool"] = self._ingest_and_align("", c.labeled)
         if c.pool is not None:
-            pool = stage(self.run, "ingest-pool", c.pool, {}, steps.ingest(c.pool))
-            self.uris["pool"] = stage(self.run, "align-pool", align_cfg, {"images": pool.uri},
-                                      steps.align(align_cfg, pool.uri, c.ray), ray=True).uri
+            self.uris["pool"] = self._ingest_and_align("-pool", c.pool)
         for i, src in enumerate(c.cross):
-            raw = stage(self.run, f"ingest-cross{i}", src, {}, steps.ingest(src))
-            self.uris[f"cross{i}"] = stage(self.run, f"align-cross{i}", align_cfg, {"images": raw.uri},
-                                           steps.align(align_cfg, raw.uri, c.ray), ray=True).uri
+            self.uris[f"cross{i}"] = self._ingest_and_align(f"-cross{i}", src)
+
+    def _ingest_and_align(self, suffix: str, src: DataSource) -> str:
+        """ingest{suffix} -> align{suffix}, the run's align settings with the source's own on top."""
+        raw = stage(self.run, f"ingest{suffix}", src.model_dump(mode="json", exclude={"align"}), {}, steps.ingest(src))
+        align_cfg = steps.align_config({**self.cfg.align, **src.align})
+        return stage(self.run, f"align{suffix}", align_cfg, {"images": raw.uri},
+                     steps.align(align_cfg, raw.uri, self.cfg.ray), ray=True).uri
 
     def test_sets(self) -> dict[str, tuple[str, tuple[str, ...] | None]]:
         sets = {"inner": (self.uris["labeled"], (self.cfg.test_split,))}
@@ -112,7 +110,7 @@ class Round:
         if pasm_cfg.compare_random:
             rnd_cfg = steps.erase_config(pasm_cfg, random_position=True, seed=c.seed)
             er = stage(self.run, "erase-random", rnd_cfg, {"images": self.uris["labeled"]},
-                       steps.erase_random(rnd_cfg, self.uris["labeled"]))
+                       steps.erase(rnd_cfg, self.uris["labeled"], None))
             student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + 1)
             st = stage(self.run, "student-random", {"train": student_cfg, "pasm": pasm_cfg},
                        {"erased": er.uri, "teacher": self.uris["teacher"], "images": self.uris["labeled"]},

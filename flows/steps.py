@@ -80,8 +80,39 @@ def distill_config(overrides: Mapping[str, Any], seed: int):
     return build_dataclass(DistillConfig, {"seed": seed, **overrides}, "distill")
 
 
-def resolve_configs(cfg: Any) -> dict[str, Any]:
-    """Every stage config of a run, defaults filled in; raises ConfigError/ValueError before any work starts."""
+def check_source(src: DataSource, where: str, check_paths: bool = True) -> None:
+    """A data source's format, options and (``check_paths``) ROOT, checked before any stage runs (ConfigError)."""
+    import os
+
+    from storage.readers import check_options, get_reader
+
+    try:
+        get_reader(src.format)
+        check_options(src.format, src.options)
+    except KeyError as e:
+        raise ConfigError(f"{where}.format: {e.args[0]}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}.options: {e}") from None
+    if src.format != "synthetic" and check_paths:
+        if not src.root:
+            raise ConfigError(f"{where}.root: format {src.format} needs the data set's folder or file")
+        if "://" not in src.root and not os.path.exists(src.root):
+            raise ConfigError(f"{where}.root: {src.root} does not exist (format {src.format})")
+
+
+def resolve_configs(cfg: Any, check_paths: bool = True) -> dict[str, Any]:
+    """Every stage config of a run, defaults filled in; raises ConfigError/ValueError before any work starts.
+
+    ``check_paths=False`` skips the data sets' ROOTs (validating a config written for another machine).
+    """
+    from tasks.align import AlignConfig
+
+    sources = {"labeled": cfg.labeled, **({"pool": cfg.pool} if cfg.pool is not None else {}),
+               **{f"cross[{i}]": src for i, src in enumerate(cfg.cross)}}
+    for where, src in sources.items():
+        check_source(src, where, check_paths)
+        if src.align:
+            build_dataclass(AlignConfig, {**cfg.align, **src.align}, f"{where}.align")
     teacher = train_config(cfg.teacher, cfg.seed, "teacher")
     attack = attack_config(cfg.attack, cfg.seed)
     if cfg.pipeline == "evaluate" and not cfg.model:
@@ -166,13 +197,26 @@ def _pool(section: RaySection, gpu: bool):
 
 
 # ---- stage bodies ---------------------------------------------------------------------------
+def _committed(out: str) -> bool:
+    """True when an earlier attempt committed ``out`` and was killed before its stage record.
+
+    The folder is named by the stage's identity, so what it holds was made from the same inputs,
+    settings and code: it is kept, not refused and not recomputed.
+    """
+    from storage.artifact import is_finished
+
+    return is_finished(out)
+
+
 def ingest(src: DataSource) -> StageFn:
     def fn(out: str) -> None:
         from storage.ingest import write_image_table
         from storage.readers import get_reader
 
+        if _committed(out):
+            return
         records = get_reader(src.format)(src.root, **src.options)
-        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.model_dump(mode="json"),
+        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.model_dump(mode="json", exclude={"align"}),
                           rows_per_shard=src.rows_per_shard)
 
     return fn
@@ -228,20 +272,13 @@ def attack(cfg: Any, teacher_uri: str, table_uri: str, ray_section: RaySection) 
     return fn
 
 
-def erase(cfg: Any, table_uri: str, positions_uri: str) -> StageFn:
+def erase(cfg: Any, table_uri: str, positions_uri: str | None) -> StageFn:
+    """Erase at the attack's positions, or at random positions when ``positions_uri`` is None."""
     def fn(out: str) -> None:
         from tasks.erase import erase_table
 
-        erase_table(table_uri, positions_uri, out, cfg)
-
-    return fn
-
-
-def erase_random(cfg: Any, table_uri: str) -> StageFn:
-    def fn(out: str) -> None:
-        from tasks.erase import erase_table
-
-        erase_table(table_uri, None, out, cfg)
+        if not _committed(out):
+            erase_table(table_uri, positions_uri, out, cfg)
 
     return fn
 

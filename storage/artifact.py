@@ -112,6 +112,74 @@ def is_finished(uri: str) -> bool:
     return fs.exists(f"{path}/{MANIFEST}")
 
 
+def _is_ours(name: str) -> bool:
+    return name.startswith(("part-", _TMP_PREFIX)) or name == MANIFEST
+
+
+def clear_unfinished(uri: str, subfolders: Sequence[str] = ()) -> None:
+    """Remove what an interrupted write left at ``uri`` before it is written again from scratch.
+
+    Only shards, shard markers, temporary files and the named ``subfolders`` (themselves
+    artifacts) are removed. A folder holding anything else is refused, not emptied: a mistyped
+    output path must never cost a user their files.
+    """
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ArtifactError(f"{uri} exists and is a file, not an artifact folder; choose another output")
+    foreign = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name in subfolders:
+            foreign += [f"{name}/{n.rstrip('/').rsplit('/', 1)[-1]}" for n in fs.ls(entry, detail=False)
+                        if not _is_ours(n.rstrip("/").rsplit("/", 1)[-1])]
+        elif not _is_ours(name):
+            foreign.append(name)
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ArtifactError(
+            f"{uri} exists and holds files that are not an unfinished artifact's ({shown}); "
+            "refusing to clear it. Choose a new or empty output folder."
+        )
+    fs.rm(path, recursive=True)
+
+
+CLAIM = "_claim.json"
+
+
+def claim(uri: str, key: Mapping[str, Any]) -> Manifest | None:
+    """Make ``uri`` the output of the computation described by ``key`` (stage, settings, inputs).
+
+    Returns the manifest when ``uri`` is already finished by that same computation (nothing to
+    do), None when it is new or an unfinished attempt of it (resume: its finished shards are
+    kept). Raises FileExistsError when it holds the output of anything else, finished or not:
+    resuming into it would mix shards that disagree on what was computed.
+    """
+    want = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    fs, path = _fs(uri)
+    marker = f"{path}/{CLAIM}"
+    have = None
+    if fs.exists(marker):
+        try:
+            have = json.loads(fs.cat_file(marker)).get("key")
+        except ValueError:
+            have = None  # torn by a crash while it was written: nothing was computed after it
+    if is_finished(uri):
+        if have == want:
+            return Manifest.from_json(fs.cat_file(f"{path}/{MANIFEST}").decode())
+        raise FileExistsError(f"{uri} is a finished artifact made from other inputs or settings; "
+                              "write to another location or delete it first")
+    if have is not None and have != want:
+        raise FileExistsError(f"{uri} holds an unfinished run with other inputs or settings; resume it with "
+                              "the same ones, or write to another location")
+    if have is None:
+        if fs.exists(path) and fs.glob(f"{path}/part-*"):
+            raise FileExistsError(f"{uri} already holds shards not written by this stage; choose another output")
+        _atomic_put(fs, marker, json.dumps({"key": want, "stage": key.get("stage")}).encode())
+    return None
+
+
 class ShardedWriter:
     """Writes shards one at a time (possibly from many processes) and commits a manifest.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
-from storage.artifact import ArtifactWriter, Manifest, _fs, is_finished, join
+from storage.artifact import ArtifactWriter, Manifest, clear_unfinished, is_finished, join
 from storage.readers.base import Record, Reject
 from storage.schema import IMAGE_SCHEMA, REJECTS_SCHEMA, image_row
 
@@ -33,9 +33,7 @@ def write_image_table(
     """
     if is_finished(uri):
         raise FileExistsError(f"{uri} is already a finished artifact; choose another output or delete it")
-    fs, path = _fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    clear_unfinished(uri, subfolders=(REJECTS,))
     reasons: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     rej = ArtifactWriter(rejects_uri(uri), stage=f"{stage}.rejects", config=config, inputs=inputs,

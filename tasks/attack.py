@@ -61,6 +61,7 @@ POSITIONS_SCHEMA = pa.schema(
     ]
 )
 
+ATTACK_STAGE = "attack"  # the stage name in manifests and claims (workers.attack uses the same)
 REJECTS = "rejects"  # the rejects artifact lives at <positions>/rejects, as in workers.sharded
 REJECTS_TABLE_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
 
@@ -498,7 +499,7 @@ def attack_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackC
     Each input shard's positions are written atomically under the same shard index, so a rerun
     attacks only the shards not yet written. Returns the committed Manifest.
     """
-    from storage.artifact import Artifact, ShardedWriter, join, shard_name
+    from storage.artifact import MANIFEST, Artifact, ShardedWriter, _fs, join, shard_name
 
     src = Artifact(table_uri)
     config, inputs = stage_config(cfg, checkpoint_uri), {"table": src.digest}
@@ -506,6 +507,11 @@ def attack_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackC
     if finished is not None:
         return finished
     names = [shard_name(i) for i in range(src.num_shards)]
+    # A crash between committing the rejects and the positions leaves a finished rejects artifact:
+    # its shards stay, its manifest goes (rewritten below).
+    rfs, rpath = _fs(join(out_uri, REJECTS))
+    if rfs.exists(f"{rpath}/{MANIFEST}"):
+        rfs.rm(f"{rpath}/{MANIFEST}")
     writer, rwriter = ShardedWriter(out_uri), ShardedWriter(join(out_uri, REJECTS))
     done = writer.done()
     todo = [i for i, n in enumerate(names) if n not in done]
@@ -520,8 +526,8 @@ def attack_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackC
     for n in names:
         if n not in rdone:
             rwriter.write_shard(n, REJECTS_TABLE_SCHEMA.empty_table())
-    rejected = rwriter.commit("attack.rejects", config, inputs, names).rows
-    return writer.commit("attack", config, inputs, names, {"rejects": rejected})
+    rejected = rwriter.commit(f"{ATTACK_STAGE}.rejects", config, inputs, names).rows
+    return writer.commit(ATTACK_STAGE, config, inputs, names, {"rejects": rejected})
 
 
 def stage_config(cfg: AttackConfig, checkpoint_uri: str) -> dict:
@@ -537,46 +543,12 @@ def stage_config(cfg: AttackConfig, checkpoint_uri: str) -> dict:
     return d
 
 
-STAGE_FILE = "_attack.json"  # not _stage.json: flows/stage.py writes that one into stage outputs
-
-
 def resume_guard(out_uri: str, config: dict, inputs: dict):
-    """Resume safety for the attack stage: returns the Manifest if ``out_uri`` is already finished with
-    these settings (nothing to do), None if it is new or an unfinished run with the same settings
-    (resume it); raises ValueError if it holds a run with other settings (mixing them would give a
-    positions table where shards disagree on what was searched).
+    """Resume safety for the attack stage (storage.artifact.claim): the Manifest when ``out_uri`` is
+    already finished with these settings, None when it is new or an unfinished run with the same
+    settings; FileExistsError when it holds positions searched with others (mixing them would give a
+    positions table whose shards disagree on what was searched).
     """
-    import json
+    from storage.artifact import claim
 
-    import fsspec
-
-    from storage.artifact import MANIFEST, Artifact, is_finished
-
-    want = json.loads(json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str))
-    if is_finished(out_uri):
-        m = Artifact(out_uri).manifest
-        have = json.loads(json.dumps({"config": m.config, "inputs": m.inputs}, sort_keys=True, default=str))
-        if have != want:
-            raise ValueError(f"{out_uri} already holds positions made with other settings or inputs; "
-                             "use another output folder (or delete it)")
-        return m
-    fs, path = fsspec.core.url_to_fs(out_uri)
-    path = path.rstrip("/")
-    # A crash between committing the rejects and the positions leaves a finished rejects artifact
-    # that could not be reopened; its shards stay, only its manifest goes (it is rewritten).
-    rejects_manifest = f"{path}/{REJECTS}/{MANIFEST}"
-    if fs.exists(rejects_manifest):
-        fs.rm(rejects_manifest)
-    marker = f"{path}/{STAGE_FILE}"
-    if fs.exists(marker):
-        have = json.loads(fs.cat_file(marker).decode())
-        if have != want:
-            raise ValueError(f"{out_uri} holds an unfinished attack with other settings or inputs; resume it with "
-                             "the same options, or use another output folder")
-    else:
-        if fs.exists(path) and fs.glob(f"{path}/part-*"):
-            raise ValueError(f"{out_uri} already holds shards not written by an attack run; choose another output")
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(marker, "wb") as f:
-            f.write(json.dumps(want, sort_keys=True).encode())
-    return None
+    return claim(out_uri, {"stage": ATTACK_STAGE, "config": config, "inputs": inputs})

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.train import resolve_device
 from tasks.va_metrics import VA_METRICS, va_loss, va_metrics
 
 log = logging.getLogger("fermine.caf")
@@ -391,12 +392,6 @@ def _iter_va_batches(uri: str, size: int, splits: Sequence[str] | None, batch_si
 # ---------------------------------------------------------------- models and prediction
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def predict_va(model: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None) -> torch.Tensor:
     """(N, 2) predictions in [-1, 1] (valence, arousal) for uint8 NCHW images; model in eval mode."""
@@ -624,7 +619,7 @@ def train_caf(
     from tasks.data import MEAN, STD, normalize
 
     t0 = time.time()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     data = load_va_set(train_uri, cfg.input_size, cfg.train_splits)
     if len(data) < 4:
         raise ValueError(f"{train_uri} has only {len(data)} rows with valence/arousal in {list(cfg.train_splits)}; "
@@ -746,7 +741,7 @@ def evaluate_va(
             f"{checkpoint_uri} is a {meta.get('task') or 'classification'} checkpoint, not a valence/arousal "
             "regressor; train one with `fermine caf`"
         )
-    model, meta = load_checkpoint(checkpoint_uri, device=_device(device))
+    model, meta = load_checkpoint(checkpoint_uri, device=resolve_device(device))
     size = int(meta["input_size"])
     skipped: dict[str, int] = {}
     true, pred, _ = _predict_all(

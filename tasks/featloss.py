@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.train import resolve_device
+
 log = logging.getLogger("fermine.featloss")
 
 STRUCTURES = ("single", "branched", "alternative")
@@ -438,12 +440,6 @@ class FeatLossResult:
     seconds: float = 0.0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class _Run:
     """The mutable training state of one run (model, optimiser, centers) and its step logic."""
 
@@ -636,7 +632,7 @@ def train_featloss(
     )
 
     t0 = time.time()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.features and not features_uri:
         raise ValueError(f"this run uses the {', '.join(cfg.features)} feature(s): give the handcrafted-features "
                          "artifact (`fermine featloss features TABLE FEATURES`)")
@@ -772,7 +768,7 @@ def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("
     Returns the tasks.evaluate EvalResult dict of the voted labels plus ``accuracy_center`` and
     ``mean_class_accuracy_center``.
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     model, meta = load_featloss_model(model_uri, dev)
     names = {f.name for f in dataclasses.fields(FeatLossConfig)}
     cfg = FeatLossConfig(**{k: v for k, v in meta["config"].items() if k in names})

@@ -183,14 +183,6 @@ def _resize_like_training(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def predict_photos(
     checkpoint_uri: str,
     paths: Sequence[str],
@@ -211,7 +203,9 @@ def predict_photos(
     from tasks.data import MEAN, STD, normalize
 
     photos = find_photos(paths)
-    device = _resolve_device(cfg.device)
+    from tasks.train import resolve_device
+
+    device = resolve_device(cfg.device)
     model, meta = load_checkpoint(checkpoint_uri, device=device)
     size = meta.get("input_size")
     if not size:

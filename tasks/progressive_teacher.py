@@ -56,7 +56,7 @@ from tasks.checkpoint import (atomic_write_bytes, dumps_json, load_training_stat
                               save_training_state)
 from tasks.data import MEAN, STD, batch_to_imageset, load_image_set, normalize
 from tasks.label_noise import CLEAN_LABEL, noise_spec
-from tasks.models import FERNet, build_model
+from tasks.models import FERNet, build_model, load_pretrained
 
 GUIDANCE = ("cross", "same")
 RATIOS = ("progressive", "fixed")
@@ -325,7 +325,12 @@ def _build_pair_nets(cfg: PTConfig, device: torch.device) -> tuple[list[PTNet], 
     students, teachers = [], []
     for k in range(cfg.n_pairs):
         torch.manual_seed(cfg.seed + k)  # different initialisation per pair
-        s = PTNet(build_model(cfg.arch, cfg.num_classes, cfg.pretrained), cfg.confidence_estimator).to(device)
+        net = build_model(cfg.arch, cfg.num_classes)
+        if cfg.pretrained:
+            # A backbone without a (7-class) head is the expected case -- each pair keeps its own freshly
+            # initialised head, which is what makes the pairs differ -- so no warning about the reset head.
+            load_pretrained(net, cfg.pretrained)
+        s = PTNet(net, cfg.confidence_estimator).to(device)
         t = copy.deepcopy(s)
         for p in t.parameters():
             p.requires_grad_(False)

@@ -308,13 +308,20 @@ def _landmark_rows(lfw, n):
 
 
 def test_ray_stage_resumes_only_unfinished_shards(tmp_path, ray_local, lfw):
+    from dataclasses import asdict
+
+    from storage.artifact import claim
     from workers.align import align_artifact
+    from workers.sharded import sharded_claim_key
 
     src = _write_source(str(tmp_path / "src"), _landmark_rows(lfw, 6), rows_per_shard=2)
     out = str(tmp_path / "aligned")
     # A crashed earlier run finished shard 1; its (recognisable) rows must be kept, not redone.
+    claim(out, sharded_claim_key("align", asdict(AlignConfig(size=32)), {"images": Artifact(src).digest}))
     sentinel = dict(_row("sentinel", np.zeros((8, 8, 3), np.uint8)), detected=False, align_method="resize")
     ShardedWriter(out).write_shard("part-00001.parquet", pa.Table.from_pylist([sentinel], schema=ALIGNED_SCHEMA))
+    with pytest.raises(FileExistsError, match="other inputs or settings"):  # never a table of mixed sizes
+        align_artifact(src, out, AlignConfig(size=48))
     seen = []
     # Rows ship landmarks: the actors never load TensorFlow (the detector is built lazily).
     align_artifact(src, out, AlignConfig(size=32), on_shard=lambda i, info, r: seen.append(i))

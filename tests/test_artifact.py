@@ -104,3 +104,41 @@ def test_manifest_is_json_with_checksums(tmp_path):
     m = json.loads((tmp_path / "a" / "_manifest.json").read_text())
     assert m["rows"] == 4 and m["schema_version"] == 1 and len(m["shards"]) == 2
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
+
+
+def test_clear_unfinished_removes_our_leftovers_and_refuses_anything_else(tmp_path):
+    from storage.artifact import clear_unfinished
+
+    uri = str(tmp_path / "a")
+    w = ArtifactWriter(uri, stage="unit", rows_per_shard=2)
+    w.write_rows(_rows(5))  # an interrupted write: shards and markers, no manifest
+    (tmp_path / "a" / "rejects").mkdir()
+    (tmp_path / "a" / "rejects" / "part-00000.parquet").write_bytes(b"x")
+    clear_unfinished(uri, subfolders=("rejects",))
+    assert not (tmp_path / "a").exists()
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "me.jpg").write_bytes(b"precious")
+    with pytest.raises(ArtifactError, match=r"not an unfinished artifact's \(me.jpg\)"):
+        clear_unfinished(str(photos))
+    assert (photos / "me.jpg").read_bytes() == b"precious"
+    (photos / "me.jpg").unlink()
+    (photos / "rejects").mkdir()
+    (photos / "rejects" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="rejects/notes.txt"):
+        clear_unfinished(str(photos), subfolders=("rejects",))
+    clear_unfinished(str(tmp_path / "nothing-here"))  # nothing to clear is fine
+
+
+def test_ingest_never_empties_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    from flows.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        main(["ingest", "synthetic", "0", str(photos), "-o", "train_per_class=1", "-o", "test_per_class=0",
+              "-o", "pool_size=0", "-o", "size=16"])
+    assert e.value.code == 2 and "refusing to clear it" in capsys.readouterr().err
+    assert (photos / "holiday.txt").read_text() == "keep me"

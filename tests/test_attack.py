@@ -271,7 +271,7 @@ def test_attack_table_writes_positions_and_rejects(tmp_path):
     assert m.extra["rejects"] == 2
     # A finished output with the same settings is returned as is; other settings are refused.
     assert attack_table(str(tmp_path / "teacher"), table, out, TINY).digest == m.digest
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(FileExistsError, match="other inputs or settings"):
         attack_table(str(tmp_path / "teacher"), table, out, AttackConfig(popsize=9, generations=2, chunk_size=16))
 
 

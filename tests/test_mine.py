@@ -336,6 +336,27 @@ def test_cli_mine_prints_counts_and_kept_fraction(tmp_path, rng, ray_local, caps
         main(["mine", ck, lab, str(tmp_path / "nope"), str(tmp_path / "o2")])
     assert e.value.code == 2 and "no finished image table" in capsys.readouterr().err
 
+    # The MS-Celeb-1M face.evoLVe release as POOL, directly: ingested once into OUT/pool.
+    from storage.images import decode, encode
+
+    release = tmp_path / "faces_emore"
+    faces = Artifact(pool).read(columns=["image"])["image"].to_pylist()[:12]
+    for i, img in enumerate(faces):
+        (release / f"id{i % 3}").mkdir(parents=True, exist_ok=True)
+        (release / f"id{i % 3}" / f"{i}.jpg").write_bytes(encode(decode(img), ".jpg"))
+    (release / "id0" / "broken.jpg").write_bytes(b"not a jpeg")
+    out2 = str(tmp_path / "aux2")
+    main(["mine", ck, lab, str(release), out2, "--margin", "0.001", "--workers", "1", "--centroids",
+          out + "/centroids", "--figure", "none"])
+    assert "/ 12" in capsys.readouterr().out
+    assert len(Artifact(out2 + "/pool")) == 12 and len(Artifact(out2 + "/pool/rejects")) == 1
+    neither = tmp_path / "notes"  # a folder, but neither a finished table nor a release
+    neither.mkdir()
+    (neither / "readme.txt").write_text("not faces")
+    with pytest.raises(SystemExit) as e:
+        main(["mine", ck, lab, str(neither), str(tmp_path / "o3")])
+    assert e.value.code == 2 and "neither a finished image table nor an MS-Celeb-1M release" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):

@@ -450,8 +450,40 @@ def test_prefect_flow_builds_table_4_and_reuses_finished_stages(noisy_colors, tm
     assert events.count("reused") == 8  # noise, 3 trainings, 3 evaluations, the PT report
 
 
+TINY_PRETRAIN = {"train_per_class": 4, "test_per_class": 1, "n_identities": 3}
+
+
+@pytest.fixture
+def tiny_pretraining(monkeypatch):
+    """The synthetic pretraining at test size (the real one is 2100 images x 15 epochs)."""
+    import flows.pt
+
+    monkeypatch.setattr(flows.pt, "SYNTHETIC_PRETRAIN_OPTIONS", {**flows.pt.SYNTHETIC_PRETRAIN_OPTIONS, **TINY_PRETRAIN})
+    monkeypatch.setattr(flows.pt, "SYNTHETIC_PRETRAIN_EPOCHS", 1)
+
+
+def test_synthetic_backbone_is_headless_reused_and_pairs_get_their_own_heads(tmp_path):
+    from flows.pt import synthetic_backbone
+    from tasks.progressive_teacher import _build_pair_nets
+
+    w = synthetic_backbone(str(tmp_path), 16, epochs=1, device="cpu", options=TINY_PRETRAIN)
+    assert w.endswith("backbone.pt")
+    state = torch.load(w, weights_only=True)
+    assert state and not any(k.startswith("head.") for k in state)  # no expression head: like a face backbone
+    mtime = (tmp_path / w.split(str(tmp_path) + "/")[1]).stat().st_mtime_ns
+    assert synthetic_backbone(str(tmp_path), 16, epochs=1, device="cpu", options=TINY_PRETRAIN) == w
+    assert (tmp_path / w.split(str(tmp_path) + "/")[1]).stat().st_mtime_ns == mtime  # reused, not retrained
+    students, _ = _build_pair_nets(PTConfig(input_size=16, pretrained=w), torch.device("cpu"))
+    for s in students:
+        for k, v in s.net.state_dict().items():
+            if not k.startswith("head."):
+                assert torch.equal(v, state[k]), k
+    # Different initialisations (the paper's two pairs): same pretrained backbone, different heads.
+    assert not torch.equal(students[0].net.head.weight, students[1].net.head.weight)
+
+
 @pytest.mark.slow  # a few seconds, but the first flow test of a session pays Prefect's ~20 s server start
-def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path):
+def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path, tiny_pretraining):
     from flows.pt import pt_flow
 
     out = str(tmp_path / "flow")
@@ -462,10 +494,12 @@ def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path):
     assert list(res["config"]["pool_splits"]) == ["pool"] and res["test_splits"] == ["test"]
     assert [r["method"] for r in res["rows"]] == ["PT"] and res["rows"][0]["noise"] == 0.25
     assert res["rows"][0]["forget_rate"] == pytest.approx(0.35)  # the paper's rule: 25% symmetric + 0.1
+    assert res["config"]["pretrained"].endswith("backbone.pt") and "/data/pretrain-" in res["config"]["pretrained"]
 
 
-def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys):
+def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretraining):
     from flows.cli import main
+    from tasks.checkpoint import load_checkpoint
 
     out = str(tmp_path / "syn")
     opts = [x for kv in ("train_per_class=4", "test_per_class=2", "pool_size=24", "n_identities=3")
@@ -475,4 +509,13 @@ def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys):
     res = json.loads(open(f"{out}/results.json").read())["results"]
     assert len(res) == 1 and res[0]["method"] == "PT" and res[0]["noise"] == 0.25
     assert res[0]["report"]["png"] is None or res[0]["report"]["png"].endswith("filtered.png")
-    assert "filtered out by the teachers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "filtered out by the teachers" in err and "pretrained backbone:" in err
+    # Every method starts from the synthetic pretraining by default; --split-bn reaches the config.
+    meta = load_checkpoint(res[0]["checkpoint"])[1]
+    assert meta["config"]["pretrained"].endswith("backbone.pt") and meta["config"]["split_bn"] is False
+    out2 = str(tmp_path / "syn2")
+    main(["pt", "synthetic", "synthetic", "synthetic", out2, "--noise", "0.25", "--epochs", "1", "--size", "32",
+          "--batch-size", "8", "--no-synthetic-pretrain", "--split-bn", "--no-report", *opts])
+    meta = load_checkpoint(json.loads(open(f"{out2}/results.json").read())["results"][0]["checkpoint"])[1]
+    assert meta["config"]["pretrained"] is None and meta["config"]["split_bn"] is True

@@ -40,7 +40,9 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path) -> dict:
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the drivers keep 127.0.0.1 too (see tests/ray_loopback.py).
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp / "prefect"),
             "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -54,13 +56,18 @@ def ray_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     env = _env(tmp)
     port = _free_port()
-    ray_bin = str(BIN / "ray")
+    ray_start = [sys.executable, str(Path(__file__).parent / "ray_loopback.py"), "start"]
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                   env=env, check=True, capture_output=True)
-    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True, capture_output=True)
-    yield f"127.0.0.1:{port}"
-    _stop_cluster(port)
+    try:
+        subprocess.run([*ray_start, "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       env=env, check=True, capture_output=True)
+        # A worker node refuses to start with Ray's loopback switch set; the wrapper alone keeps it on 127.0.0.1.
+        worker_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        subprocess.run([*ray_start, f"--address=127.0.0.1:{port}", *common], env=worker_env, check=True,
+                       capture_output=True)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop_cluster(port)
 
 
 def _cmdlines() -> dict[int, str]:

@@ -100,10 +100,14 @@ def test_packaged_configs_resolve_and_run_refuses_bad_settings_before_starting(c
     from flows.steps import resolve_configs
 
     for name in ("demo", "round"):
-        stages = resolve_configs(load_config(packaged_config(name)))
+        stages = resolve_configs(load_config(packaged_config(name)), check_paths=False)
         assert stages["pasm"].train == stages["teacher"]  # PASM trains with the run's teacher recipe
     for bad, why in ((["teacher.epoch=3"], "unknown setting"), (["pipeline=evaluate"], "needs `model`"),
-                     (["pasm.rounds=0"], "rounds must be >= 1")):
+                     (["pasm.rounds=0"], "rounds must be >= 1"),
+                     (["labeled.format=rafdbx"], "labeled.format: unknown data set format 'rafdbx'"),
+                     (["labeled.options.colour=1"], "labeled.options: format synthetic has no option colour"),
+                     (["cross=[{format: rafdb, root: /no/such/raf}]"], "cross[0].root: /no/such/raf does not exist"),
+                     (["pool={format: ms1m}"], "pool.root: format ms1m needs")):
         with pytest.raises(SystemExit) as e:
             main(["run", str(packaged_config("demo")), *[f"--set={s}" for s in bad]])
         assert e.value.code == 2

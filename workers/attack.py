@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from storage.artifact import Artifact, Manifest
+from tasks.attack import ATTACK_STAGE as STAGE
 from tasks.attack import REJECTS_TABLE_SCHEMA, AttackConfig, make_shard_processor, resume_guard, stage_config
 from workers.cluster import RayConfig, connect
 from workers.sharded import PoolConfig, default_pool, run_sharded
 
-STAGE = "attack"
 COLUMNS = ["id", "image", "label", "split"]
 
 

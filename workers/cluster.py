@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
+
+
+class ClusterConnectionError(ConnectionError):
+    """Ray could not be reached or started; the message says where and what to check."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,38 @@ def connect(cfg: RayConfig | None = None) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs.update(include_dashboard=False, num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1")
         # Workers import our packages from the driver's environment; no runtime_env upload needed.
-    ray.init(address=address, **kwargs)
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        # ray.init raises several types for "nothing there"; users need one message that says what to do.
+        where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address!r}"
+        raise ClusterConnectionError(
+            f"could not connect to {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
+            "Check that the cluster is up (`ray status` on the head), the address and the token "
+            "(RAY_AUTH_MODE/RAY_AUTH_TOKEN), or leave the address unset for a local instance."
+        ) from e
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an explicit address nobody listens on: ray.init would retry for minutes."""
+    if address in ("local", "auto"):
+        return  # local starts one; "auto" finds the node's cluster or says there is none
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterConnectionError(
+            f"Ray address {address!r} is not host:port or ray://host:port; use 'auto' on a cluster node "
+            "or leave it unset for a local instance"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterConnectionError(
+            f"could not connect to the Ray cluster at {address!r}: nothing answers on {host}:{port} ({e}). "
+            "Check that the cluster is up (`ray status` on the head) and the address, or leave the address "
+            "unset for a local instance."
+        ) from None
 
 
 def gpus_available() -> float:

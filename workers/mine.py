@@ -11,7 +11,6 @@ the pool and the pool's feature matrix never exists anywhere.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -20,14 +19,13 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.artifact import Artifact, Manifest, _fs, identity, join, shard_name
+from storage.artifact import Artifact, Manifest, _fs, claim, identity, join, shard_name
 from storage.schema import CLASSES, REJECTS_SCHEMA
-from tasks.centroids import checkpoint_digest, reuse_or_refuse
+from tasks.centroids import checkpoint_digest
 from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, pool_columns
 from workers.cluster import RayConfig, connect
 from workers.sharded import default_pool, run_sharded
 
-IDENTITY_FILE = "_identity.json"  # written before the first shard: partial output from other settings is refused
 
 # Settings that change which rows are kept (the others only change speed).
 _RESULT_FIELDS = ("margin", "floor", "center", "splits", "input_size", "source_prefix", "amp")
@@ -118,9 +116,9 @@ def mine_pool(
               "pool": pool.digest}
     config = asdict(cfg)
     ident = identity(STAGE, {k: config[k] for k in _RESULT_FIELDS}, inputs, CODE_VERSION)
-    if (m := reuse_or_refuse(out_uri, ident)) is not None:
+    key = {"stage": STAGE, "identity": ident}  # resumable across speed-only settings (batch size, threads)
+    if (m := claim(out_uri, key)) is not None:
         return _result(out_uri, m, 0.0, True)
-    _claim(out_uri, ident)
     connect(ray_cfg)
     pc_ = default_pool(workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     pc_ = replace(pc_, max_retries=max_retries)
@@ -137,27 +135,8 @@ def mine_pool(
     t0 = time.perf_counter()
     m = run_sharded(pool_uri, out_uri, factory, stage=STAGE, config=config, inputs=inputs, pool=pc_,
                     columns=columns, with_rejects=True, rejects_schema=REJECTS_SCHEMA, on_shard=on_shard,
-                    extra=summary)
+                    extra=summary, claim_key=key)
     return _result(out_uri, m, time.perf_counter() - t0, False)
-
-
-def _claim(out_uri: str, ident: str) -> None:
-    """Record which settings the shards in ``out_uri`` belong to; refuse a folder made with others."""
-    fs, path = _fs(out_uri)
-    p = f"{path}/{IDENTITY_FILE}"
-    if fs.exists(p):
-        old = json.loads(fs.cat_file(p)).get("identity")
-        if old != ident:
-            raise FileExistsError(
-                f"{out_uri} holds a partial mining run made with other inputs or settings; "
-                "delete it or choose another output to start over"
-            )
-        return
-    if fs.exists(path) and fs.glob(f"{path}/part-*"):
-        raise FileExistsError(f"{out_uri} already holds shards not written by a mining run; choose another output")
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(p, "wb") as f:
-        f.write(json.dumps({"identity": ident}).encode())
 
 
 def _result(uri: str, m: Manifest, seconds: float, reused: bool) -> MineResult:

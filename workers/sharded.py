@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, ShardInfo, _fs, join, shard_name
+from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, ShardInfo, _fs, claim, join, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ Processor = Callable[[pa.Table], "tuple[pa.Table, pa.Table | None]"]
 ProcessorFactory = Callable[[], Processor]
 
 REJECTS = "rejects"
+
+
+class ShardFailedError(RuntimeError):
+    """A shard kept failing after its retries; the message names the shard and the last error."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ class ShardActor:
         return info, rinfo, time.perf_counter() - t0
 
 
+def sharded_claim_key(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str] | None) -> dict[str, Any]:
+    """What run_sharded claims its output for by default: the stage, its settings and input digests."""
+    return {"stage": stage, "config": dict(config), "inputs": dict(inputs or {})}
+
+
 def run_sharded(
     in_uri: str,
     out_uri: str,
@@ -91,13 +100,21 @@ def run_sharded(
     rejects_schema: pa.Schema | None = None,
     on_shard: Callable[[int, ShardInfo, int], None] | None = None,
     extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    claim_key: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Process every shard of ``in_uri`` not yet in ``out_uri`` and commit ``out_uri``.
+
+    ``out_uri`` is claimed for (``stage``, ``config``, ``inputs``), or ``claim_key`` when given
+    (storage.artifact.claim): finished by the same computation, it is returned as is; a folder
+    holding another computation's shards is refused, never mixed with.
 
     ``on_shard(index, info, rejected_rows)`` is called on the driver as shards finish (progress).
     ``extra`` (or ``extra()``, evaluated once every shard is written) goes into the manifest.
     Requires ray to be initialised (see workers.cluster.connect).
     """
+    finished = claim(out_uri, claim_key if claim_key is not None else sharded_claim_key(stage, config, inputs))
+    if finished is not None:
+        return finished
     src = Artifact(in_uri)
     writer = ShardedWriter(out_uri)
     # A crash between the rejects' commit and the table's leaves a finished rejects artifact:
@@ -131,10 +148,13 @@ def run_sharded(
             except (RayTaskError, RayActorError) as e:
                 attempts[i] = attempts.get(i, 0) + 1
                 if attempts[i] > pool.max_retries:
-                    raise RuntimeError(f"{stage}: shard {i} of {in_uri} failed {attempts[i]} times: {e}") from e
+                    raise ShardFailedError(f"{stage}: shard {i} of {in_uri} failed {attempts[i]} times: {e}") from e
                 log.warning("%s: shard %d failed (attempt %d), retrying: %s", stage, i, attempts[i], e)
                 queue.append(i)
                 if isinstance(e, RayActorError):
+                    # The dead actor must not restart behind our back: it would hold its GPU while the
+                    # replacement waits for one, which hangs a node whose GPUs are all in use.
+                    ray.kill(actor, no_restart=True)
                     actor = ShardActor.options(**actor_opts).remote(factory)
                     actors.append(actor)  # so the finally below ends it too
                 idle.append(actor)

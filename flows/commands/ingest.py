@@ -7,7 +7,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -44,26 +44,6 @@ def _coerce(value: str) -> Any:
     if _FLOAT.fullmatch(value):  # plain decimals only: a split named "nan" stays a string
         return float(value)
     return value
-
-
-def reader_options(reader: Callable[..., Any]) -> dict[str, Any] | None:
-    """The keyword options a reader takes (name -> default), or None if it takes any (**options)."""
-    params = list(_inspect.signature(reader).parameters.values())[1:]  # the first is ROOT
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
-def check_options(fmt: str, reader: Callable[..., Any], options: dict[str, Any]) -> None:
-    from flows.cli import UserError
-
-    known = reader_options(reader)
-    if known is None:
-        return
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        valid = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
-        raise UserError(f"format {fmt} has no option {', '.join(unknown)}; its options: {valid}")
 
 
 def label_histogram(uri: str) -> dict[str, Counter] | None:
@@ -241,7 +221,7 @@ def register(app: typer.Typer) -> None:
         from flows.progress import progress_bar
         from storage.artifact import is_finished
         from storage.ingest import write_image_table
-        from storage.readers import get_reader
+        from storage.readers import check_options, get_reader
         from storage.readers.base import Reject
 
         try:
@@ -251,7 +231,10 @@ def register(app: typer.Typer) -> None:
         if is_finished(out):
             raise UserError(f"{out} is already a finished artifact; choose another output or delete it")
         options = parse_options(option)
-        check_options(fmt, reader, options)
+        try:
+            check_options(fmt, options)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         try:
             records = reader(root, **options)  # readers check the layout here, before OUT is created
         except TypeError as e:
@@ -288,7 +271,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from storage.readers import available, get_reader
+        from storage.readers import available, get_reader, reader_options
 
         table = Table(title="fermine ingest FORMAT ROOT OUT [-o KEY=VALUE ...]")
         table.add_column("format", style="bold")

@@ -23,6 +23,43 @@ def _need_table(uri: str, what: str) -> None:
         raise UserError(f"no finished image table at {uri} ({what}): check the path, or run the stage that makes it")
 
 
+def _pool_table(pool: str, out: str) -> str:
+    """POOL as an image table: a finished table as is, an MS-Celeb-1M release ingested once.
+
+    A release (insightface ``train.rec`` + ``train.idx``, or face.evoLVe ``<identity>/<n>.jpg``
+    folders) is ingested into ``OUT/pool`` first; a rerun finds that table finished and reuses it.
+    """
+    import os
+
+    from flows.cli import UserError
+    from flows.progress import progress_bar
+    from storage.artifact import is_finished, join
+    from storage.ingest import write_image_table
+    from storage.readers import get_reader
+    from storage.readers.base import DatasetFormatError, Reject
+
+    if is_finished(pool):
+        return pool
+    if not os.path.isdir(pool):
+        raise UserError(f"no finished image table or MS-Celeb-1M release at {pool} (POOL): check the path")
+    table = join(out, "pool")
+    if is_finished(table):
+        return table
+    counts = {"rows": 0, "rejects": 0}
+    with progress_bar("ingest ms1m pool", None) as bar:
+        def on_record(rec) -> None:
+            counts["rejects" if isinstance(rec, Reject) else "rows"] += 1
+            bar.update(0, advance=1, info=f"{counts['rows']} faces, {counts['rejects']} rejects")
+
+        try:
+            write_image_table(get_reader("ms1m")(pool), table, stage="ingest.ms1m",
+                              config={"format": "ms1m", "root": os.path.abspath(pool), "options": {}},
+                              on_record=on_record)
+        except (DatasetFormatError, ValueError) as e:
+            raise UserError(f"POOL {pool} is neither a finished image table nor an MS-Celeb-1M release: {e}") from None
+    return table
+
+
 def _need_checkpoint(uri: str) -> None:
     from flows.cli import UserError
     from tasks.checkpoint import checkpoint_exists
@@ -97,7 +134,8 @@ def register(app: typer.Typer) -> None:
     def mine_cmd(
         checkpoint: str = typer.Argument(..., help="Primitive learner (checkpoint folder)."),
         labeled: str = typer.Argument(..., help="Labeled image table (for the centroids)."),
-        pool: str = typer.Argument(..., help="Unlabeled pool: any image table (e.g. `fermine ingest ms1m`)."),
+        pool: str = typer.Argument(..., help="Unlabeled pool: any image table, or an MS-Celeb-1M release "
+                                   "folder (train.rec + train.idx, or <identity>/<n>.jpg), ingested once into OUT/pool."),
         out: str = typer.Argument(..., help="Output: the auxiliary samples table (an image table)."),
         margin: float = typer.Option(0.05, help="Eq. 6 margin m: best cosine similarity - second best >= m."),
         floor: Optional[float] = typer.Option(None, help="Also require best similarity >= this."),
@@ -129,7 +167,7 @@ def register(app: typer.Typer) -> None:
         from workers.mine import mine_pool
 
         _need_checkpoint(checkpoint)
-        _need_table(pool, "POOL")
+        pool = _pool_table(pool, out)
         try:
             cfg = _mine_config(margin, floor, center, batch_size, split, size, device, decode_threads)
             if centroids is None:

@@ -8,6 +8,7 @@ import typer
 
 SYNTHETIC = "synthetic"  # same word as flows.pt.SYNTHETIC (not imported: keeps `fermine --help` light)
 DEFAULT_COMPARE_RATES = (0.0, 0.1, 0.2, 0.3)
+SYNTHETIC_PRETRAIN_DEFAULT = True
 
 
 def _split_list(values: list[str] | None, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -66,7 +67,15 @@ def register(app: typer.Typer) -> None:
         confidence_threshold: float = typer.Option(0.9, help="Confidence above which a large-loss sample is kept."),
         arch: str = typer.Option("small_cnn", help="small_cnn (CPU), resnet18, resnet34, resnet50, vgg16."),
         size: int = typer.Option(64, help="Input side in pixels (paper: 112)."),
-        pretrained: Optional[str] = typer.Option(None, help="Local weights file or checkpoint folder."),
+        pretrained: Optional[str] = typer.Option(None, help="Local weights file or checkpoint folder for every "
+                                                 "method's backbone."),
+        synthetic_pretrain: bool = typer.Option(SYNTHETIC_PRETRAIN_DEFAULT, "--synthetic-pretrain/--no-synthetic-pretrain",
+                                                help="With LABELED 'synthetic' and no --pretrained: start every "
+                                                "method from a backbone pretrained once (reused) on the clean, "
+                                                "differently rendered style-b synthetic faces of other people, the "
+                                                "stand-in for the paper's pretrained ResNet-18 (no downloads here)."),
+        split_bn: bool = typer.Option(False, "--split-bn/--no-split-bn", help="Forward labeled and pool images in "
+                                      "separate passes so BatchNorm statistics never mix them (not in the paper)."),
         seed: int = typer.Option(0, help="Seed of initialisation, batches and augmentation."),
         device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
         train_split: Optional[List[str]] = typer.Option(None, help="Training split(s) of LABELED (default: train)."),
@@ -123,7 +132,7 @@ def register(app: typer.Typer) -> None:
                 consistency_shape=consistency_shape, ratio=ratio, guidance=guidance,
                 consistency_guidance=consistency_guidance,
                 n_pairs=pairs, confidence_estimator=confidence, confidence_threshold=confidence_threshold,
-                seed=seed, device=device, train_splits=train_splits, pool_splits=pool_splits,
+                split_bn=split_bn, seed=seed, device=device, train_splits=train_splits, pool_splits=pool_splits,
                 val_splits=_split_list(val_split, ("val",)) or ("val",),
             )
             from tasks.models import available_models
@@ -147,6 +156,14 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 raise UserError(str(e)) from e
         labeled_uri = synth if labeled == SYNTHETIC else labeled
+        if synthetic_pretrain and labeled == SYNTHETIC and pretrained is None:
+            import dataclasses
+
+            from flows.pt import synthetic_backbone
+
+            with console.status("pretraining the backbone on the style-b synthetic faces (once, then reused)"):
+                cfg = dataclasses.replace(cfg, pretrained=synthetic_backbone(out, size, arch, device=device, seed=seed))
+            console.print(f"pretrained backbone: {cfg.pretrained}")
         pool_uri = None if pool == "-" else (synth if pool == SYNTHETIC else pool)
         test_uri = synth if test == SYNTHETIC else test
         for name, uri in (("LABELED", labeled_uri), ("POOL", pool_uri), ("TEST", test_uri), ("--val", val)):

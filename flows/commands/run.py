@@ -51,12 +51,12 @@ def _load(config: Optional[str], sets: List[str]):
         raise UserError(str(e)) from None
 
 
-def _resolve(cfg) -> dict:
+def _resolve(cfg, check_paths: bool = True) -> dict:
     """Every stage's config, checked before a flow starts: a typo fails in a second, not an hour in."""
     from flows.steps import resolve_configs
 
     try:
-        return resolve_configs(cfg)
+        return resolve_configs(cfg, check_paths)
     except ValueError as e:  # ConfigError included
         raise UserError(str(e)) from None
 
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
         if not defaults and config is None:
             raise UserError("pass a config file to validate it, or --defaults to print every default")
         cfg = _load(config, [])
-        stages = _resolve(cfg)
+        stages = _resolve(cfg, check_paths=False)  # a cluster config is often checked on a laptop
         resolved = {"run": cfg.model_dump(mode="json", exclude=set(stages) | {"retrain"}), **stages}
         out = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in resolved.items()}
         # PASM trains and attacks with the run's `teacher` and `attack` sections: show them there only.

@@ -5,6 +5,9 @@ Each reader is ``read(root, **options) -> Iterator[Record]`` and is looked up by
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Mapping
+
 from storage.readers.base import DatasetFormatError, Reader, Record, Reject
 
 READERS: dict[str, Reader] = {}
@@ -23,6 +26,25 @@ def get_reader(name: str) -> Reader:
     if name not in READERS:
         raise KeyError(f"unknown data set format {name!r}; choose one of: {', '.join(sorted(READERS))}")
     return READERS[name]
+
+
+def reader_options(reader: Reader) -> dict[str, Any] | None:
+    """The keyword options a reader takes (name -> default), or None if it takes any (**options)."""
+    params = list(inspect.signature(reader).parameters.values())[1:]  # the first is ROOT
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse options the reader ``name`` does not take (ValueError listing the valid ones)."""
+    known = reader_options(get_reader(name))
+    if known is None:
+        return
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
+        raise ValueError(f"format {name} has no option {', '.join(unknown)}; its options: {valid}")
 
 
 def available() -> list[str]:
@@ -49,4 +71,5 @@ def _load_all() -> None:
                 raise
 
 
-__all__ = ["READERS", "DatasetFormatError", "Reader", "Record", "Reject", "available", "get_reader", "register"]
+__all__ = ["READERS", "DatasetFormatError", "Reader", "Record", "Reject", "available", "check_options", "get_reader",
+           "reader_options", "register"]
