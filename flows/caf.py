@@ -1,8 +1,10 @@
 """The CAF flow: train the critic-free baseline and CAF on a valence/arousal table, evaluate both.
 
-train-baseline -> eval-baseline, train-caf -> eval-caf, then results.json (the paper's Table 1 columns).
-Every box is a stage (flows.prefect_tasks.stage): a rerun after a failure or a kill reuses the finished
-stages and resumes an interrupted training from its last.pt.
+train-baseline -> eval-baseline, train-caf -> eval-caf, then results.json / results.md (the paper's
+Table 1 columns) and, inside a flow run, the same table as Prefect artifacts (flows.results). The table
+defaults to ``"synthetic"``: the embedded synthetic data set, generated once under ``<out>/data`` and
+reused. Every box is a stage (flows.prefect_tasks.stage): a rerun after a failure or a kill reuses the
+finished stages and resumes an interrupted training from its last.pt.
 """
 
 from __future__ import annotations
@@ -16,8 +18,45 @@ from prefect import flow
 
 from flows.config import build_dataclass
 from flows.prefect_tasks import stage
+from flows.results import markdown_table, publish_artifacts
 from flows.stage import Run
-from storage.artifact import join
+from storage.artifact import is_finished, join
+
+SYNTHETIC = "synthetic"  # the word that stands for the embedded synthetic data set (as in flows.pt)
+# CAF needs no unlabeled pool; everything else is storage.synthetic.SyntheticConfig's default
+# (150 train + 50 test faces per class, generated at the model's input size).
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"pool_size": 0}
+
+
+def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) -> str:
+    """The synthetic valence/arousal table of a CAF run: flows.pt.synthetic_table with CAF's defaults,
+    generated once under ``<out>/data`` (the folder is named by the generator's config) and then reused.
+    ``options`` are storage.synthetic.SyntheticConfig fields; ValueError for unknown or mistyped ones.
+    """
+    from flows.pt import synthetic_table as generate_once
+
+    return generate_once(out, size, {**SYNTHETIC_DEFAULTS, **(options or {})}, defaults=False)
+
+
+def metric_label(key: str) -> str:
+    """'rmse_v' -> 'RMSE V': the column names of the paper's Table 1."""
+    metric, _, dim = key.partition("_")
+    return f"{metric.upper()} {dim.upper()}"
+
+
+def results_records(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per model (the 8 metrics, 4 decimals, and n): the rows of the results artifacts."""
+    from tasks.va_metrics import VA_METRICS
+
+    out = []
+    for name, m in rows.items():
+        rec: dict[str, Any] = {"model": name}
+        for k in VA_METRICS:
+            v = m.get(k)
+            rec[metric_label(k)] = None if v is None else round(float(v), 4)
+        rec["n"] = m.get("n")
+        out.append(rec)
+    return out
 
 
 def _train(cfg: Any, train_uri: str):
@@ -42,22 +81,33 @@ def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, devic
 
 @flow(name="caf")
 def caf_flow(
-    train_uri: str,
-    out: str,
+    train_uri: str = SYNTHETIC,
+    out: str = "runs/caf",
     test_uri: str | None = None,
     test_splits: list[str] | None = None,
     config: dict[str, Any] | None = None,
     compare: bool = True,
+    synthetic_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Baseline vs CAF (``compare``) or one model; ``config`` overrides tasks.caf.CAFConfig fields.
 
-    ``test_uri`` defaults to ``train_uri`` and ``test_splits`` to ["test"]; returns and writes
-    ``<out>/results.json`` with the 8 metrics per model.
+    ``train_uri="synthetic"`` (the default; also accepted as ``test_uri``) generates the embedded
+    synthetic data set under ``<out>/data`` at the config's input size (``synthetic_options``:
+    storage.synthetic.SyntheticConfig fields over SYNTHETIC_DEFAULTS). ``test_uri`` defaults to
+    ``train_uri`` and ``test_splits`` to ["test"]; returns and writes ``<out>/results.json`` with the
+    8 metrics per model, ``<out>/results.md``, and the Prefect artifacts ``caf-results`` (table) and
+    ``caf-summary`` (markdown).
     """
     from tasks.caf import CAFConfig
 
-    cfg = build_dataclass(CAFConfig, dict(config or {}), "caf")
-    test_uri = test_uri or train_uri
+    cfg = build_dataclass(CAFConfig, dict(config or {}), "caf")  # a mistyped setting fails before any work
+    if is_finished(out):
+        raise ValueError(f"out {out} is a finished artifact (an image table?); give a folder for the run")
+    synth = None
+    if SYNTHETIC in (train_uri, test_uri):
+        synth = synthetic_table(out, cfg.input_size, synthetic_options)
+    train_uri = synth if train_uri == SYNTHETIC else train_uri
+    test_uri = synth if test_uri == SYNTHETIC else (test_uri or train_uri)
     splits = list(test_splits) if test_splits is not None else ["test"]
     run = Run(out)
     variants = ([("baseline", dataclasses.replace(cfg, critic=False)), ("caf", dataclasses.replace(cfg, critic=True))]
@@ -72,4 +122,11 @@ def caf_flow(
     result = {"train_uri": train_uri, "test_uri": test_uri, "test_splits": splits, "rows": rows}
     with fsspec.open(join(run.root, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
+    records = results_records(rows)
+    where = f"{test_uri} [{', '.join(splits) if splits else 'all rows'}]"
+    what = "baseline (no critic) vs CAF" if compare else variants[0][0]
+    md = f"# caf\n\nValence/arousal, {what}: tested on {where}, trained on {train_uri}.\n\n{markdown_table(records)}\n"
+    with fsspec.open(join(run.root, "results.md"), "w") as f:
+        f.write(md)
+    publish_artifacts("caf", records, md, description=f"valence/arousal on {where}")
     return result

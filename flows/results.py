@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import fsspec
 
@@ -52,14 +52,27 @@ class ResultsTable:
         return ", ".join(f"{ts} acc {v.get('accuracy', float('nan')):.3f}" for ts, v in m.items() if isinstance(v, Mapping))
 
     def markdown(self) -> str:
-        recs = self.records()
-        if not recs:
-            return "_no results_"
-        keys = list(recs[0])
-        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in recs:
-            lines.append("| " + " | ".join("" if r[k] is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])) for k in keys) + " |")
-        return "\n".join(lines)
+        return markdown_table(self.records())
+
+
+def markdown_table(records: Sequence[Mapping[str, Any]], digits: int = 4) -> str:
+    """One dict per row -> a markdown table (columns: the keys of every row, first seen first; floats
+    with ``digits`` decimals; None and missing cells empty)."""
+    if not records:
+        return "_no results_"
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        text = f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in records]
+    return "\n".join(lines)
 
 
 def publish_results(run: Run, cfg: Any, results: ResultsTable, figures: Mapping[str, str | None],
@@ -85,14 +98,36 @@ def publish_results(run: Run, cfg: Any, results: ResultsTable, figures: Mapping[
 
 
 def _prefect_artifacts(name: str, results: ResultsTable) -> None:
+    publish_artifacts(name, results.records(), f"# {name}\n\n{results.markdown()}", description=f"{name}: results")
+
+
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key from a run or table name (lowercase letters, digits and dashes only)."""
+    key = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in key.split("-") if p) or "run"
+
+
+def publish_artifacts(name: str, records: Sequence[Mapping[str, Any]], markdown: str | None = None,
+                      description: str | None = None) -> bool:
+    """Show a results table in the Prefect UI: ``records`` (one dict per row, JSON-able values) as the
+    table artifact ``<key>-results`` and ``markdown`` (default: ``# name`` and the records as a markdown
+    table) as the markdown artifact ``<key>-summary``, where ``key = artifact_key(name)``.
+
+    Only inside a flow run (or a task of one); elsewhere it does nothing. Returns whether the artifacts
+    were created. Never raises: the UI is a convenience, the run folder's files are the record.
+    """
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        from prefect.context import FlowRunContext
+        from prefect.context import FlowRunContext, TaskRunContext
 
-        if FlowRunContext.get() is None:
-            return  # called outside a flow run: files only
-        key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"
-        create_table_artifact(key=f"{key}-results", table=results.records(), description=f"{name}: results")
-        create_markdown_artifact(key=f"{key}-summary", markdown=f"# {name}\n\n{results.markdown()}")
-    except Exception as e:  # the UI is a convenience; the files above are the record
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return False  # called outside a flow run: files only
+        key = artifact_key(name)
+        rows = [dict(r) for r in records]
+        create_table_artifact(key=f"{key}-results", table=rows, description=description or f"{name}: results")
+        create_markdown_artifact(key=f"{key}-summary", markdown=markdown or f"# {name}\n\n{markdown_table(rows)}",
+                                 description=description or f"{name}: summary")
+        return True
+    except Exception as e:  # noqa: BLE001 - see the docstring
         log.warning("could not publish Prefect artifacts: %s", e)
+        return False

@@ -253,7 +253,7 @@ def evaluate(checkpoint_uri: str, sets: Mapping[str, tuple[str, tuple[str, ...] 
         for name, (uri, splits) in sets.items():
             res = run_eval(checkpoint_uri, uri, splits=splits)
             metrics[name] = res.to_dict()
-            save_confusion_png(res, join(out, f"confusion-{name}.png").replace("file://", ""), title=name)
+            save_confusion_png(res, join(out, f"confusion-{name}.png"), title=name)
         write_json(out, "metrics.json", metrics)
 
     return fn
@@ -297,9 +297,7 @@ def pasm_figure(rows: list[dict[str, str]], images_uri: str) -> StageFn:
     def fn(out: str) -> None:
         from tasks.pasm_figure import pasm_figure as draw
 
-        fs, path = fsspec.core.url_to_fs(out)
-        fs.makedirs(path, exist_ok=True)
-        draw(images_uri, [r["erased"] for r in rows], f"{path}/pasm-rounds.png")
+        draw(images_uri, [r["erased"] for r in rows], join(out, "pasm-rounds.png"))
 
     return fn
 
@@ -325,8 +323,7 @@ def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_sectio
                   cpus_per_worker=ray_section.cpus_per_worker,
                   gpus_per_worker=ray_section.gpus_per_worker or None,
                   on_shard=shard_logger("mine", Artifact(pool_uri).num_shards))
-        fs, path = fsspec.core.url_to_fs(out)
-        mined_grid(out, f"{path}/mined-samples.png")
+        mined_grid(out, join(out, "mined-samples.png"))
 
     return fn
 

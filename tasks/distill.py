@@ -24,8 +24,6 @@ in distillation and in the evaluation helpers below.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
-from storage.artifact import Artifact, ArtifactWriter, Manifest, _fs, identity, join
+from storage.artifact import Artifact, ArtifactWriter, Manifest, identity, join
 from storage.images import encode
 from storage.schema import CLASSES, IMAGE_SCHEMA, image_row
 
@@ -80,6 +78,13 @@ class DistillConfig:
             raise ValueError(f"holdout is a fraction in [0, 0.9), got {self.holdout}")
         if self.init_step_size <= 0:
             raise ValueError("init_step_size must be > 0")
+        smallest = MIN_IMAGE_SIZE.get(self.arch, 16)
+        if self.image_size < smallest:
+            raise ValueError(f"image_size {self.image_size} is too small for arch {self.arch}: it needs >= {smallest} px")
+
+
+# Smallest input side each network's pooling can take (measured); other tasks.models archs: 16.
+MIN_IMAGE_SIZE = {"lenet": 10, "convnet": 8, "convnet_s": 8}
 
 
 @dataclass
@@ -220,9 +225,11 @@ def _learn_distilled(
     if real_x.shape[-1] != cfg.image_size or real_x.shape[-2] != cfg.image_size:
         raise ValueError(f"real images are {tuple(real_x.shape[-2:])} but image_size is {cfg.image_size}")
     lo, hi = _pixel_bounds(device)
-    syn_x = torch.randn((k * ipc, 3, cfg.image_size, cfg.image_size), generator=gen).to(device)
+    # Only classes with real images get distilled ones: an image labelled with a class nothing taught
+    # it would teach every retrained model that class on noise.
+    syn_x = torch.randn((len(present) * ipc, 3, cfg.image_size, cfg.image_size), generator=gen).to(device)
     syn_x = torch.max(torch.min(syn_x, hi), lo).requires_grad_(True)
-    syn_y = torch.arange(k, device=device).repeat_interleave(ipc)
+    syn_y = torch.tensor(present, device=device).repeat_interleave(ipc)
     raw_eta = torch.full((cfg.inner_steps,), _softplus_inv(cfg.init_step_size), device=device, requires_grad=True)
     opt = torch.optim.Adam([{"params": [syn_x], "lr": cfg.image_lr}, {"params": [raw_eta], "lr": cfg.lr_lr}])
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_every, 0.5) if cfg.lr_decay_every else None
@@ -462,6 +469,7 @@ def distill(
             "identity": ident, "step_sizes": d.step_sizes, "lr": float(np.mean(d.step_sizes)),
             "real_images": int(len(y)), "outer_steps": len(d.history),
             "final_loss": d.history[-1]["loss"] if d.history else None, "holdout": holdout,
+            "absent_classes": [names[c] for c in range(cfg.num_classes) if c not in set(d.labels.tolist())],
             "grid": GRID_FILE, "seconds": time.perf_counter() - t0,
         })
     return DistillResult(m, d.step_sizes, grid_uri, d.history, holdout)
@@ -477,9 +485,4 @@ def _write_grid(images: np.ndarray, labels: list[int], names: list[str], ipc: in
     rows = [[cols[c][r] for c in order] for r in range(ipc)]
     titles = [[names[c] for c in order] for _ in range(ipc)]
     eta = ", ".join(f"{v:.3g}" for v in step_sizes)
-    fs, path = _fs(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, GRID_FILE)
-        image_grid(rows, local, cell_titles=titles, title=f"distilled images (learned step size {eta})")
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(local, path)
+    image_grid(rows, uri, cell_titles=titles, title=f"distilled images (learned step size {eta})")

@@ -8,8 +8,9 @@ by record batch, so its size is not bounded by memory.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -145,8 +146,12 @@ def _labeled_batches(uri: str, size: int, splits: Sequence[str] | None, batch_si
 
 
 def evaluate(checkpoint_uri: str, test_uri: str, splits: Sequence[str] | None = ("test",), batch_size: int = 256,
-             device: str = "auto") -> EvalResult:
-    """Evaluate a checkpoint folder on the labeled rows of ``splits`` (None = every split) of an image table."""
+             device: str = "auto", progress: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
+    """Evaluate a checkpoint folder on the labeled rows of ``splits`` (None = every split) of an image table.
+
+    ``progress`` gets ``{"rows", "labeled", "total_rows", "images_per_s"}`` after each batch the model has
+    seen (rows read so far, of them labeled in ``splits``, rows in the table, labeled images per second).
+    """
     from tasks.checkpoint import load_checkpoint
     from tasks.train import resolve_device
 
@@ -157,12 +162,19 @@ def evaluate(checkpoint_uri: str, test_uri: str, splits: Sequence[str] | None = 
     counter = {"rows": 0, "labeled": 0}
     labels: list[torch.Tensor] = []
 
+    total = len(Artifact(test_uri))
+    t0 = time.perf_counter()
+
     def batches() -> Iterator[torch.Tensor]:
         for x, y in _labeled_batches(test_uri, size, splits, batch_size, counter):
             if (y >= k).any():
                 raise ValueError(f"{test_uri} has label {int(y.max())}, outside the model's {k} classes")
             labels.append(y)
             yield x
+            if progress is not None:  # resumed: the model has been through this batch
+                secs = time.perf_counter() - t0
+                progress({**counter, "total_rows": total,
+                          "images_per_s": counter["labeled"] / secs if secs > 0 else float("nan")})
 
     logits = predict_logits(model, batches(), device=dev, mean=meta.get("mean", MEAN), std=meta.get("std", STD),
                             amp=dev.type == "cuda")

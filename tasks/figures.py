@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import matplotlib
@@ -9,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt
 import numpy as np
+
+from tasks.checkpoint import atomic_write_bytes
 
 
 def _to_hwc(img: np.ndarray) -> np.ndarray:
@@ -30,7 +33,8 @@ def image_grid(
     title: str | None = None,
     cell_size: float = 1.3,
 ) -> str:
-    """Save a grid of images (HWC/CHW uint8, or float in [0, 1]) as a PNG; returns ``path``."""
+    """Save a grid of images (HWC/CHW uint8, or float in [0, 1]) as a PNG at ``path`` (local or any
+    fsspec URI, written atomically); returns ``path``."""
     nrows = max(1, len(rows))
     ncols = max(1, max((len(r) for r in rows), default=1))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_size, nrows * cell_size + 0.4), squeeze=False)
@@ -51,6 +55,8 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -9,15 +9,13 @@ images), so only the scores of the kept rows are ever in memory, never the image
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.artifact import Artifact, _fs
+from storage.artifact import Artifact
 from storage.schema import CLASSES
 
 
@@ -77,18 +75,10 @@ def mined_grid(aux_uri: str, out_path: str, per_class: int = 8, mode: str = "spr
 
 
 def save_grid(rows, uri: str, **kw: Any) -> str:
-    """tasks.figures.image_grid to a local path or any fsspec URI."""
+    """tasks.figures.image_grid, with a placeholder cell when nothing was mined."""
     from tasks.figures import image_grid
 
     if not rows:
         rows = [[np.zeros((8, 8, 3), np.uint8)]]
         kw["title"] = (kw.get("title") or "") + " (nothing mined)"
-    fs, path = _fs(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "grid.png")
-        image_grid(rows, local, **kw)
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        fs.put_file(local, path)
-    return uri
+    return image_grid(rows, uri, **kw)

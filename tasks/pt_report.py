@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,11 +150,5 @@ def write_report(run_uri: str, labeled_uri: str, out_uri: str | None = None, per
                                                              "filtered.png"))
     atomic_write_bytes(csv_uri, buf.getvalue().encode())
     atomic_write_bytes(json_uri, dumps_json(rows).encode())
-    # matplotlib writes local files; render to a temporary file and copy it to any fsspec URI.
-    with tempfile.TemporaryDirectory() as tmp:
-        local = filtered_grid(filtered_uri, labeled_uri, os.path.join(tmp, "filtered.png"), per_class, size)
-        if local is not None:
-            with open(local, "rb") as f:
-                atomic_write_bytes(png_uri, f.read())
-    return PTReport(rows=rows, table=format_table(rows), csv_uri=csv_uri, json_uri=json_uri,
-                    png_uri=png_uri if local is not None else None)
+    png = filtered_grid(filtered_uri, labeled_uri, png_uri, per_class, size)
+    return PTReport(rows=rows, table=format_table(rows), csv_uri=csv_uri, json_uri=json_uri, png_uri=png)

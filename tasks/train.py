@@ -404,7 +404,8 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
             f"the training loss diverged (non-finite by epoch {epoch}, step {step}); lower --lr or check the data")
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, uris: Sequence[str], out_uri: str) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, uris: Sequence[str], digests: Sequence[str],
+                     out_uri: str) -> None:
     old = {k: v for k, v in saved["config"].items() if k not in _RUNTIME_FIELDS}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -418,6 +419,12 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, uris: Sequence[str
         raise ValueError(
             f"{out_uri} was trained on {saved.get('train_uris')}, not {list(uris)}; use another output folder "
             "or --no-resume"
+        )
+    if "train_digests" in saved and list(saved["train_digests"]) != list(digests):
+        # Same paths, other contents (e.g. the mined samples were remade with another margin).
+        raise ValueError(
+            f"{out_uri} was trained on other contents of {list(uris)} (the tables were rewritten since); "
+            "use another output folder or --no-resume"
         )
 
 
@@ -465,9 +472,10 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
+    digests = [Artifact(u).digest for u in uris]
     saved = load_training_state(out_uri) if resume else None
     if saved is not None:
-        _check_resumable(saved, cfg, uris, out_uri)
+        _check_resumable(saved, cfg, uris, digests, out_uri)
         if saved["epoch"] > cfg.epochs:
             raise ValueError(f"{out_uri} already holds {saved['epoch']} epochs, more than the {cfg.epochs} asked; "
                              "use another output folder or --no-resume")
@@ -602,7 +610,8 @@ def train(
             save_training_state(out_uri, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "history": history, "config": cfg.to_dict(), "train_uris": uris, "init_report": init_report,
+                "history": history, "config": cfg.to_dict(), "train_uris": uris, "train_digests": digests,
+                "init_report": init_report,
             })
             if progress is not None:
                 progress(dict(rec))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
+from storage.artifact import MANIFEST
 from storage.images import encode
 from storage.ingest import write_image_table
 from tasks.caf import (CAFConfig, adaptive_k, compare_caf, confidence_delta, critic_loss, evaluate_va, margin_for,
@@ -285,6 +286,62 @@ def test_cli_caf_trains_evaluates_and_reports_user_errors(va_table, tmp_path, ca
     assert "margin must be one of" in capsys.readouterr().err
 
 
+# Tiny synthetic data: 6 train + 3 test faces per class, so a CLI or flow run takes seconds.
+TINY_SYNTHETIC = {"train_per_class": 6, "test_per_class": 3, "n_identities": 8}
+
+
+def test_cli_caf_defaults_to_the_synthetic_data_and_reuses_it(tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "syn"
+    tiny = ["--size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    synth = [a for k, v in TINY_SYNTHETIC.items() for a in ("--synthetic-option", f"{k}={v}")]
+    main(["caf", str(out), "--compare", *tiny, *synth])  # only OUT: TABLE is the synthetic data set
+    text = capsys.readouterr().out
+    assert "RMSE V" in text and "baseline" in text and "caf" in text and "[test]" in text
+    (data,) = (out / "data").iterdir()  # generated once under OUT/data
+    assert data.name.startswith("synthetic-") and (data / MANIFEST).exists()
+    res = json.load(open(out / "results.json"))
+    assert set(res["rows"]) == {"baseline", "caf"} and res["train_uri"] == str(data)
+    for name, r in res["rows"].items():
+        assert r["n"] == 21 and all(math.isfinite(r[k]) for k in VA_METRICS)  # 7 classes x 3 test faces
+        assert os.path.getsize(out / name / "scatter.png") > 5000
+    stamp = (data / MANIFEST).stat().st_mtime_ns
+    main(["caf", "synthetic", str(out), "--compare", *tiny, *synth])  # the word: same table, reused
+    assert (data / MANIFEST).stat().st_mtime_ns == stamp and len(list((out / "data").iterdir())) == 1
+    assert json.load(open(out / "results.json"))["rows"]["caf"]["ccc_v"] == res["rows"]["caf"]["ccc_v"]
+    capsys.readouterr()
+    cases = [
+        (["caf", str(data)], "missing argument OUT"),  # a table alone: OUT was forgotten
+        (["caf", "synthetic"], "missing argument OUT"),
+        (["caf", str(tmp_path / "nowhere"), str(tmp_path / "o")], "no finished image table"),
+        (["caf", "synthetic", str(data)], "is a finished artifact"),
+        (["caf", str(out / "x"), "--synthetic-option", "colour=red"], "unknown synthetic option"),
+        (["caf", str(data), str(tmp_path / "o"), "--synthetic-option", "seed=1"], "synthetic data set only"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_results_records_markdown_and_no_artifacts_outside_a_flow():
+    from flows.caf import results_records
+    from flows.results import artifact_key, markdown_table, publish_artifacts
+
+    m = {k: 0.5 + i / 100 for i, k in enumerate(VA_METRICS)}
+    recs = results_records({"baseline": {**m, "n": 21}, "caf": {**m, "ccc_v": 0.123456, "n": 21}})
+    assert list(recs[0]) == ["model", "RMSE V", "RMSE A", "SAGR V", "SAGR A", "PCC V", "PCC A", "CCC V", "CCC A", "n"]
+    assert recs[1]["CCC V"] == 0.1235 and recs[1]["model"] == "caf"
+    md = markdown_table(recs).splitlines()
+    assert md[0].startswith("| model | RMSE V |") and md[1] == "|" + "---|" * 10 and len(md) == 4
+    assert "| caf | 0.5000 |" in md[3] and "| 0.1235 |" in md[3] and md[3].endswith("| 21 |")
+    assert markdown_table([]) == "_no results_"
+    assert artifact_key("Tiny <Run> 2") == "tiny-run-2"
+    assert publish_artifacts("caf", recs) is False  # no flow run: files only, nothing raised
+
+
 def test_config_is_frozen_and_json_round_trips():
     cfg = CAFConfig(train_splits=["train"])
     assert cfg.train_splits == ("train",)
@@ -307,3 +364,31 @@ def test_prefect_flow_compares_and_reuses_finished_stages(va_table, tmp_path):
     assert again["rows"] == first["rows"]
     events = [json.loads(line)["event"] for line in open(f"{out}/ledger.jsonl")]
     assert events.count("reused") == 4
+
+
+@pytest.mark.slow
+def test_prefect_flow_defaults_to_synthetic_and_publishes_artifacts(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.caf import caf_flow, results_records
+
+    out = tmp_path / "flow-syn"
+    cfg = {"input_size": 32, "batch_size": 16, "epochs": 1, "lr": 1e-3, "device": "cpu"}
+    state = caf_flow(out=str(out), config=cfg, synthetic_options=TINY_SYNTHETIC, return_state=True)
+    result = state.result()
+    (data,) = (out / "data").iterdir()
+    assert result["train_uri"] == result["test_uri"] == str(data)
+    assert [r["model"] for r in results_records(result["rows"])] == ["baseline", "caf"]
+    assert "| caf |" in (out / "results.md").read_text()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in arts}
+    assert {"caf-results", "caf-summary"} <= set(by_key), sorted(by_key)
+    table = by_key["caf-results"]
+    assert table.type == "table" and by_key["caf-summary"].type == "markdown"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows == results_records(result["rows"])
+    assert rows[1]["model"] == "caf" and rows[1]["n"] == 21
+    assert "| baseline |" in by_key["caf-summary"].data and "RMSE V" in by_key["caf-summary"].data

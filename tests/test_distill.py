@@ -118,6 +118,24 @@ def test_distill_writes_an_image_table_and_grid(tmp_path):
         distill(src, out, DistillConfig(**{**cfg.__dict__, "outer_steps": 3}))
 
 
+def test_classes_without_real_images_get_no_distilled_ones(tmp_path):
+    """A mined set that found no disgust or fear faces: DAS must not invent images for those classes."""
+    rng = np.random.default_rng(1)
+    x, y = noisy_prototypes(70, rng, make_templates(rng))
+    keep = ~np.isin(y, [2, 3])
+    src = str(tmp_path / "aux")
+    with ArtifactWriter(src, stage="unit", schema=IMAGE_SCHEMA) as w:
+        w.write_rows([image_row(f"r{i}", encode(img), label=int(lab), split="train")
+                      for i, (img, lab) in enumerate(zip(x[keep], y[keep]))])
+    cfg = DistillConfig(arch="convnet_s", image_size=SIZE, outer_steps=1, inner_steps=1, real_batch=16, n_inits=1,
+                        holdout=0.0)
+    res = distill(src, str(tmp_path / "das"), cfg)
+    assert sorted(Artifact(str(tmp_path / "das")).read().column("label").to_pylist()) == [0, 1, 4, 5, 6]
+    assert res.manifest.extra["absent_classes"] == ["disgust", "fear"]
+    with pytest.raises(ValueError, match="too small for arch convnet"):
+        DistillConfig(image_size=4)
+
+
 def test_distill_refuses_unlabeled_table(tmp_path):
     src = str(tmp_path / "pool")
     with ArtifactWriter(src, stage="unit", schema=IMAGE_SCHEMA) as w:

@@ -141,9 +141,47 @@ def test_cli_evaluate(setup, tmp_path, capsys):
     main(["evaluate", ckpt, table, "--split", "all", "--json", str(tmp_path / "all.json"), "--device", "cpu"])
     assert json.loads((tmp_path / "all.json").read_text())["n"] == 12
     for argv, msg in ((["evaluate", ckpt, str(tmp_path / "missing")], "no finished image table"),
+                      (["evaluate", ckpt, table, "--device", "gpu"], "bad --device"),
                       (["evaluate", str(tmp_path / "nock"), table], "no finished checkpoint"),
                       (["evaluate", ckpt, table, "--split", "val"], "no labeled rows")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_cli_evaluate_writes_default_json(setup, tmp_path, capsys):
+    """Without --json every run writes CHECKPOINT/eval-<table>-<split>.json and names it; another table
+    with the same folder name gets its own file instead of replacing the first."""
+    import shutil
+
+    from flows.cli import main
+
+    table, ckpt, model, _ = setup
+    ck = str(tmp_path / "ck")
+    shutil.copytree(ckpt, ck)
+    main(["evaluate", ck, table, "--device", "cpu"])
+    captured = capsys.readouterr()
+    path = tmp_path / "ck" / "eval-table-test.json"
+    assert path.exists()
+    assert f"metrics: {path}" in captured.err
+    assert "acc" in captured.err and "img/s" in captured.err
+    d = json.loads(path.read_text())
+    assert d["accuracy"] == pytest.approx(np.trace(_by_hand(model, table, ("test",))) / 11)
+    assert isinstance(d["mean_class_accuracy"], float)
+    assert d["confusion"] == _by_hand(model, table, ("test",)).tolist() and d["splits"] == ["test"]
+
+    main(["evaluate", ck, table, "--split", "all", "--device", "cpu"])
+    assert json.loads((tmp_path / "ck" / "eval-table-all.json").read_text())["n"] == 12
+    # same table again: the file is replaced; a different table also called "table": a new file
+    main(["evaluate", ck, table + "/", "--device", "cpu"])
+    other = tmp_path / "other" / "table"
+    shutil.copytree(table, other)
+    main(["evaluate", ck, str(other), "--device", "cpu"])
+    err = capsys.readouterr().err
+    evals = sorted(p.name for p in (tmp_path / "ck").glob("eval-*.json"))
+    assert len(evals) == 3 and "eval-table-test.json" in evals
+    assert json.loads(path.read_text())["test_uri"] == table + "/"
+    new = next(n for n in evals if n not in ("eval-table-test.json", "eval-table-all.json"))
+    assert new.startswith("eval-table-test-") and f"metrics: {tmp_path / 'ck' / new}" in err
+    assert json.loads((tmp_path / "ck" / new).read_text())["test_abs_uri"] == str(other)

@@ -293,9 +293,21 @@ def test_prefect_flow_compares_variants_and_reuses_stages(data, tmp_path):
     out = str(tmp_path / "flow")
     cfg = {"input_size": 28, "load_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu", "fc1_dim": 16}
     fcfg = {"gabor_grid": 2, "gsf_grid": 2, "sift_grid": 2, "size": 32}
-    first = featloss_flow(out, table_uri=table, variants=["none", "gsf"], config=cfg, features_config=fcfg,
-                          report=False)
+    state = featloss_flow(out, table_uri=table, variants=["none", "gsf"], config=cfg, features_config=fcfg,
+                          report=False, return_state=True)
+    first = state.result()
     assert [r["model"] for r in first["results"]] == ["none", "gsf"]
+    # the results table is in the Prefect UI too: a table artifact and a markdown one, of this flow run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))}
+    assert {"featloss-results", "featloss-summary"} <= set(arts), sorted(arts)
+    rows = arts["featloss-results"].data
+    assert (json.loads(rows) if isinstance(rows, str) else rows) == first["results"]
+    assert "| gsf |" in arts["featloss-summary"].data
     saved = json.load(open(f"{out}/results.json"))
     assert saved["results"] == first["results"] and os.path.exists(f"{out}/results.md")
     again = featloss_flow(out, table_uri=table, variants=["none", "gsf"], config=cfg, features_config=fcfg,

@@ -183,6 +183,14 @@ def test_pasm_figure_rows(tmp_path):
         erase_table(table, pos_uri, erased[-1], EraseConfig(size=5))
     path = pasm_figure(table, erased, str(tmp_path / "fig.png"), n=4)
     assert os.path.getsize(path) > 1000
+    # Any fsspec URI (a run on s3:// writes its figures there): the same PNG, one row per round + original.
+    import fsspec
+
+    from storage.images import decode
+
+    uri = pasm_figure(table, erased, "memory://pasm-fig/fig.png", n=4)
+    with fsspec.open(uri, "rb") as f:
+        assert decode(f.read()).shape == decode(open(path, "rb").read()).shape
     with pytest.raises(ValueError, match="lacks ids"):
         pasm_figure(None, erased, str(tmp_path / "f2.png"), ids=["r0", "r9"])
 

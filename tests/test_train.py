@@ -134,6 +134,21 @@ def test_resume_refuses_other_settings_and_no_resume_starts_over(table, tmp_path
     assert res.history[0]["lr"] == 0.1 and load_training_state(out)["epoch"] == 1
 
 
+def test_resume_refuses_a_table_rewritten_under_the_same_path(tmp_path):
+    """E.g. the mined samples remade with another margin: the old model must not be reused as if new."""
+    import shutil
+
+    aux = str(tmp_path / "aux")
+    write_image_table(stripe_rows(4, "train", 0), aux, stage="test", config={})
+    out = str(tmp_path / "run")
+    train(TrainConfig(epochs=1, **FAST), [aux], out)
+    assert train(TrainConfig(epochs=1, **FAST), [aux], out).history  # unchanged: the finished run is reused
+    shutil.rmtree(aux)
+    write_image_table(stripe_rows(4, "train", 7), aux, stage="test", config={})
+    with pytest.raises(ValueError, match="other contents"):
+        train(TrainConfig(epochs=1, **FAST), [aux], out)
+
+
 def test_training_loss_is_pasm_eq4():
     torch.manual_seed(0)
     logits, teacher = torch.randn(8, 7), torch.randn(8, 7)

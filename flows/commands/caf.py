@@ -1,7 +1,8 @@
-"""`fermine caf`: valence/arousal regression with the Contrastive Adversarial Framework.
+"""`fermine caf [TABLE] OUT`: valence/arousal regression with the Contrastive Adversarial Framework.
 
 Trains CAF (or the critic-free baseline) on an image table with valence/arousal, evaluates it on a
 test table and prints the paper's Table 1 columns; ``--compare`` trains both and prints them side by side.
+TABLE defaults to ``synthetic``: the embedded synthetic data set, generated once under OUT/data.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+SYNTHETIC = "synthetic"  # same word as flows.caf.SYNTHETIC (not imported: keeps `fermine --help` light)
 _METRIC_HEADERS = ("RMSE V", "RMSE A", "SAGR V", "SAGR A", "PCC V", "PCC A", "CCC V", "CCC A")
 
 
@@ -34,7 +36,9 @@ def results_table(rows: dict[str, dict[str, Any]], title: str):
     same_n = len(ns) == 1
     if same_n:
         title = f"{title}, n = {ns.pop()}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    from rich.markup import escape
+
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)  # "[test]" is no tag
     table.add_column("Method", no_wrap=True)
     for h in _METRIC_HEADERS:
         table.add_column(h, justify="right", no_wrap=True)
@@ -58,11 +62,15 @@ def results_table(rows: dict[str, dict[str, Any]], title: str):
 def register(app: typer.Typer) -> None:
     @app.command("caf")
     def caf(
-        train_table: str = typer.Argument(..., help="Image table with valence/arousal (e.g. from `fermine ingest "
-                                          "synthetic|affectnet|afewva ...`)."),
-        out: str = typer.Argument(..., help="Output folder: checkpoint (model.pt/model.json), metrics.json, "
-                                  "scatter.png; with --compare OUT/baseline, OUT/caf and OUT/results.json."),
-        test: Optional[str] = typer.Option(None, "--test", help="Table to evaluate on (default: TRAIN_TABLE)."),
+        train_table: Optional[str] = typer.Argument(
+            None, metavar="TABLE", show_default=False,
+            help="Image table with valence/arousal (e.g. from `fermine ingest affectnet|afewva ...`), or 'synthetic' "
+            "(the default when only OUT is given): the embedded synthetic data set, generated once under OUT/data."),
+        out: Optional[str] = typer.Argument(None, metavar="OUT", show_default=False,
+                                            help="Output folder: checkpoint (model.pt/model.json), metrics.json, "
+                                            "scatter.png; with --compare OUT/baseline, OUT/caf and OUT/results.json."),
+        test: Optional[str] = typer.Option(None, "--test", help="Table to evaluate on, or 'synthetic' "
+                                           "(default: TABLE)."),
         test_splits: str = typer.Option("test", "--test-splits", help="Comma-separated splits of the test table, "
                                         "or 'all'."),
         train_splits: str = typer.Option("train", "--train-splits", help="Comma-separated splits to train on."),
@@ -86,15 +94,35 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
         pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local encoder weights (file or "
                                                  "checkpoint folder)."),
+        synthetic_option: Optional[list[str]] = typer.Option(
+            None, "--synthetic-option", help="key=value setting of the synthetic data (storage.synthetic."
+            "SyntheticConfig, e.g. train_per_class=50); repeatable. Default: 150 train + 50 test faces per "
+            "class at --size, no pool."),
     ) -> None:
-        """Valence/arousal regression with the Contrastive Adversarial Framework (CAF)."""
+        """Valence/arousal regression with the Contrastive Adversarial Framework (CAF).
+
+        `fermine caf OUT --compare` trains the critic-free baseline and CAF on the synthetic data and prints
+        the Table 1 comparison; `fermine caf TABLE OUT` trains on your own table.
+        """
         from rich.console import Console
 
         from flows.cli import UserError
         from flows.progress import progress_bar
+        from storage.artifact import is_finished
         from tasks.caf import CAFConfig, compare_caf, evaluate_va, train_caf
         from tasks.checkpoint import atomic_write_bytes, dumps_json
 
+        if out is None:  # one argument: it is OUT, and the table is the synthetic data set
+            if train_table in (None, SYNTHETIC):
+                raise UserError("missing argument OUT: `fermine caf [TABLE] OUT` (TABLE defaults to synthetic)")
+            if is_finished(train_table):
+                raise UserError(f"missing argument OUT: {train_table} is an image table; give an output folder "
+                                f"after it (`fermine caf {train_table} OUT`)")
+            train_table, out = SYNTHETIC, train_table
+        if is_finished(out):
+            raise UserError(f"OUT {out} is a finished artifact (an image table?); give a folder for the run")
+        if synthetic_option and SYNTHETIC not in (train_table, test):
+            raise UserError("--synthetic-option applies to the synthetic data set only (TABLE or --test synthetic)")
         if compare and no_critic:
             raise UserError("--compare already trains the baseline; drop --no-critic")
         tr_splits = _splits(train_splits)
@@ -108,8 +136,24 @@ def register(app: typer.Typer) -> None:
                             eval_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained)
         except ValueError as e:
             raise UserError(str(e)) from None
-        test_uri = test or train_table
         console = Console()
+        if SYNTHETIC in (train_table, test):
+            from flows.caf import synthetic_table
+            from flows.commands.ingest import parse_options
+
+            try:
+                with console.status("generating the synthetic data set (once, then reused)"):
+                    synth = synthetic_table(out, size, parse_options(list(synthetic_option or [])))
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            console.print(f"synthetic data set: {synth}")
+            train_table = synth if train_table == SYNTHETIC else train_table
+            test = synth if test == SYNTHETIC else test
+        for name, uri in (("TABLE", train_table), ("--test", test)):
+            if uri is not None and not is_finished(uri):
+                raise UserError(f"{name}: no finished image table at {uri}; check the path, or run `fermine ingest` "
+                                "first (or use 'synthetic')")
+        test_uri = test or train_table
         try:
             if compare:
                 with progress_bar("caf --compare", None) as bar:

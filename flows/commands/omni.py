@@ -250,6 +250,9 @@ def register(app: typer.Typer) -> None:
         if h:
             con.print(f"held-out accuracy of nets trained from random inits: distilled {h['distilled_acc']:.3f} vs "
                       f"{images_per_class} random real image(s) per class {h['random_real_acc']:.3f}")
+        absent = res.manifest.extra.get("absent_classes")
+        if absent:
+            con.print(f"no real images of {', '.join(absent)} in {table}: no distilled images for them")
         con.print(f"Fig. 4 grid: {res.grid_uri}")
 
     @app.command("omni")

@@ -159,29 +159,56 @@ def register(app: typer.Typer) -> None:
         split: Optional[List[str]] = typer.Option(None, help="Split(s) to evaluate (default: test; 'all' = every row)."),
         batch_size: int = typer.Option(256, help="Images per forward pass."),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-        json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics JSON here."),
+        json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics JSON here instead of "
+                                                "CHECKPOINT/eval-<table>-<split>.json."),
         confusion: Optional[str] = typer.Option(None, help="Write the confusion matrix PNG here."),
     ) -> None:
-        """Accuracy, per-class and mean class accuracy and the confusion matrix of CHECKPOINT on TABLE."""
+        """Accuracy, per-class and mean class accuracy and the confusion matrix of CHECKPOINT on TABLE.
+
+        Always writes the metrics JSON (default CHECKPOINT/eval-<table>-<split>.json) and prints its path.
+        """
+        import time
+
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from flows.cli import UserError
-        from storage.artifact import is_finished
+        from flows.progress import console, progress_bar
+        from storage.artifact import Artifact, is_finished
         from tasks.checkpoint import atomic_write_bytes, checkpoint_exists, dumps_json
 
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if not checkpoint_exists(checkpoint):
             raise UserError(f"no finished checkpoint at {checkpoint} (model.json + model.pt); train it first, "
                             "or resume an interrupted run with `fermine train`")
         if not is_finished(table):
             raise UserError(f"no finished image table at {table}: check the path, or run the stage that makes it")
         from tasks.evaluate import evaluate, save_confusion_png
+        from tasks.train import resolve_device
 
         try:
-            res = evaluate(checkpoint, table, splits=_splits(split, ("test",)), batch_size=batch_size, device=device)
-        except ValueError as e:
-            raise UserError(str(e)) from e
-        from rich.markup import escape
+            resolve_device(device)
+        except (ValueError, RuntimeError) as e:  # torch.device("gpu") is a RuntimeError
+            raise UserError(f"bad --device {device!r}: {e}") from e
+        splits = _splits(split, ("test",))
+        split_text = ", ".join(splits) if splits else "all"
+        art = Artifact(table)
+        t0 = time.perf_counter()
+        with progress_bar(escape(f"evaluate on {_name(table)} [{split_text}]"), len(art)) as bar:
+            def on_batch(p: dict) -> None:
+                bar.update(0, completed=p["rows"], info=f"{p['labeled']} labeled, {p['images_per_s']:.0f} img/s")
+
+            try:
+                res = evaluate(checkpoint, table, splits=splits, batch_size=batch_size, device=device,
+                               progress=on_batch)
+            except (ValueError, FileNotFoundError) as e:
+                raise UserError(str(e)) from e
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(0, completed=len(art), info=f"{res.n} labeled images in {dt:.1f} s (model load included)")
+        console.print(f"loss {res.loss:.4f} acc {res.accuracy:.4f} mca {res.mean_class_accuracy:.4f} "
+                      f"n {res.n} {res.n / dt:.0f} img/s", markup=False, soft_wrap=True)
 
         t = Table(title=escape(f"{checkpoint} on {table} [{', '.join(res.splits or ['all'])}], n={res.n}"))
         t.add_column("class")
@@ -204,7 +231,54 @@ def register(app: typer.Typer) -> None:
             con.print(escape(f"classes absent from the test rows (excluded from the mean): {', '.join(res.absent_classes)}"))
         if res.unlabeled_skipped:
             con.print(f"{res.unlabeled_skipped} unlabeled rows skipped")
-        if json_path:
-            atomic_write_bytes(json_path, dumps_json(res.to_dict()).encode())
-        if confusion:
-            save_confusion_png(res, confusion)
+
+        record = res.to_dict()
+        record.update({"test_abs_uri": _abs(table), "test_digest": art.digest, "images_per_s": res.n / dt,
+                       "batch_size": batch_size})
+        out = json_path or _default_eval_path(checkpoint, table, splits)
+        try:
+            atomic_write_bytes(out, dumps_json(record).encode())
+            if confusion:
+                save_confusion_png(res, confusion)
+        except OSError as e:
+            raise UserError(f"cannot write the evaluation output ({e}); give --json PATH / --confusion PATH "
+                            "somewhere writable") from e
+        console.print(escape(f"metrics: {out}") + (escape(f", confusion: {confusion}") if confusion else ""),
+                      soft_wrap=True)
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def _abs(uri: str) -> str:
+    """Local paths absolute (so two spellings of one table compare equal); URIs as given."""
+    import os
+
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+
+
+def _default_eval_path(checkpoint: str, table: str, splits: tuple[str, ...] | None) -> str:
+    """CHECKPOINT/eval-<table name>-<splits>.json; re-evaluating the same table and splits replaces it, but an
+    earlier evaluation of another table with the same folder name is kept (a hash of the table's path is added)."""
+    import hashlib
+    import json
+    import re
+
+    import fsspec
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "table"
+
+    base = f"{checkpoint.rstrip('/')}/eval-{clean(_name(table))}-{clean('+'.join(splits) if splits else 'all')}"
+    path = base + ".json"
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(p):
+        try:
+            prev = json.loads(fs.cat_file(p).decode())
+            prev_uri = prev.get("test_abs_uri") or _abs(str(prev.get("test_uri") or ""))
+        except (ValueError, OSError, AttributeError):
+            prev_uri = None  # unreadable: do not overwrite what we cannot identify
+        if prev_uri != _abs(table):
+            path = f"{base}-{hashlib.sha1(_abs(table).encode()).hexdigest()[:8]}.json"
+    return path
