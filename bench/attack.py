@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="small_cnn")
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--popsize", type=int, default=40, help="candidates per image (a multiple of 5 matches scipy)")
     ap.add_argument("--generations", type=int, default=25)
     ap.add_argument("--device", default="cpu")

@@ -196,7 +196,7 @@ def mine_once(ck: str, cent: str, pool: str, out: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000], help="pool sizes (faces)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000], help="pool sizes (faces)")
     ap.add_argument("--unique", type=int, default=500, help="distinct rendered faces, tiled to each size")
     ap.add_argument("--size", type=int, default=112, help="pool image side in pixels")
     ap.add_argument("--input-size", type=int, default=None, help="model input side (default: --size)")

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--turn-iters", type=int, default=130)
     ap.add_argument("--ema-max", type=float, default=0.99)
     ap.add_argument("--split-bn", action="store_true", help="PTConfig.split_bn for Mean Teacher and PT")
+    ap.add_argument("--forget-rate", type=float, default=None,
+                    help="PT's final forget rate r (default: the paper's rule, noise + 0.1)")
     ap.add_argument("--scratch", action="store_true", help="no pretrained backbone")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0, help="initialisation/batch seed of every method")
@@ -78,11 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
         pretrained = synthetic_backbone(args.out, args.size, epochs=args.pretrain_epochs, device="cpu")
     cfg = PTConfig(input_size=args.size, epochs=args.epochs, lr_steps=(args.lr_step,), batch_size=args.batch_size,
                    turn_iters=args.turn_iters, ema_max=args.ema_max, split_bn=args.split_bn, pretrained=pretrained,
+                   forget_rate=args.forget_rate,
                    seed=args.seed, device="cpu", pool_splits=("pool",))
     print(f"data + pretraining: {time.time() - t0:.0f} s ({'pretrained: ' + pretrained if pretrained else 'scratch'})",
           flush=True)
     tag = f"{'scratch' if args.scratch else 'pre'}-e{args.epochs}-b{args.batch_size}-T{args.turn_iters}" \
-          f"-ema{args.ema_max}{'-splitbn' if args.split_bn else ''}-s{args.seed}"
+          f"-ema{args.ema_max}{'-splitbn' if args.split_bn else ''}" \
+          f"{'' if args.forget_rate is None else f'-r{args.forget_rate:g}'}-s{args.seed}"
     rows = []
     for rate in rates:
         train_uri = data

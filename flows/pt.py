@@ -18,6 +18,7 @@ from prefect import flow
 
 from flows.config import build_dataclass
 from flows.prefect_tasks import stage
+from flows.results import markdown_table, publish_artifacts
 from flows.stage import Run
 from storage.artifact import join
 
@@ -226,4 +227,10 @@ def pt_flow(
               "config": dataclasses.asdict(cfg), "rows": rows}
     with fsspec.open(join(run.root, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
+    table = [{"method": r["method"], "noise": r["noise"], "accuracy": r["accuracy"],
+              "mean class accuracy": r["mean_class_accuracy"]} for r in rows]
+    md = f"# Progressive Teacher ({noise_kind} noise), test splits {', '.join(splits)}\n\n{markdown_table(table)}\n"
+    with fsspec.open(join(run.root, "results.md"), "w") as f:
+        f.write(md)
+    publish_artifacts("progressive-teacher", table, md, description="PT vs fine-tune vs Mean Teacher (Table 4)")
     return result

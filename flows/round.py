@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from flows import steps
 from flows.config import ConfigError, DataSource, RunConfig, load_config
 from flows.prefect_tasks import stage
-from flows.results import ResultsTable, publish_results
+from flows.results import ResultsTable, publish_artifacts, publish_results
 from flows.stage import Run
 from storage.artifact import join
 
@@ -77,6 +77,11 @@ class Round:
         metrics = steps.read_json(rec.uri, "metrics.json")
         self.results.add(name, metrics)
         _logger().info("%s: %s", name, self.results.summary(name))
+        # The model's metrics per test set, in the UI as soon as it is evaluated (the run's table comes last).
+        publish_artifacts(f"{self.cfg.name} {name}", [
+            {"test set": ts, "accuracy": m.get("accuracy"), "mean class accuracy": m.get("mean_class_accuracy"),
+             "n": m.get("n"), "checkpoint": checkpoint_uri} for ts, m in metrics.items() if isinstance(m, dict)],
+            description=f"{self.cfg.name}: {name} evaluated")
         return metrics
 
     # ---- teacher and PASM -------------------------------------------------------------------

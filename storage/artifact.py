@@ -1,7 +1,7 @@
 """Artifacts: a folder (any fsspec URI) of Parquet shards plus a manifest written last.
 
 The manifest is the commit marker. Shards are written under temporary names and renamed
-into place; a per-shard marker (``part-NNNNN.json``) records rows and sha256 once a shard is
+into place; a per-shard marker (``part-NNNNN.parquet.json``) records rows and sha256 once a shard is
 in place, so a stage that is killed resumes by skipping finished shards. Readers refuse an
 artifact without a manifest and any shard whose checksum does not match.
 """

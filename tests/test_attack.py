@@ -80,7 +80,8 @@ def _bowl(size=24):
     return Bowl(size, (17.0, 6.0), (200, 40, 90), base).eval(), base, torch.zeros(8, dtype=torch.long)
 
 
-def _scipy_mean(attacker, images, labels, popsize, generations, seed):
+def _scipy_fitness(attacker, images, labels, popsize, generations, seed) -> np.ndarray:
+    """Per-image best fitness of scipy's differential_evolution at our budget (vectorized=True)."""
     from scipy.optimize import differential_evolution
 
     h, w = images.shape[2:]
@@ -96,15 +97,20 @@ def _scipy_mean(attacker, images, labels, popsize, generations, seed):
                                      seed=seed * 1000 + i)
         assert res.nfev == generations + 1  # vectorized: one call per generation, the same budget as ours
         out.append(res.fun)
-    return float(np.mean(out))
+    return np.asarray(out, dtype=np.float64)
 
 
 @pytest.mark.parametrize("kind", ["rugged", "smooth"])
 def test_batched_search_at_least_as_good_as_scipy(kind):
     """Same model, images, objective and budget (40 candidates x (1 + 10) generations): on average the
-    batched search finds true-class probabilities at least as low as scipy's differential_evolution."""
-    ours, ref, clean = [], [], []
-    for seed in range(2):
+    batched search finds true-class probabilities at least as low as scipy's differential_evolution.
+
+    Both searches are random, so "at least as good" is judged on paired per-image differences: ours
+    may not be worse on average by more than two standard errors of that mean (a systematic gap of
+    the size of the noise fails; the seeds' luck does not).
+    """
+    diffs, clean, ref = [], [], []
+    for seed in range(4 if kind == "rugged" else 2):
         if kind == "rugged":
             model = Tiny(seed).eval()
             images = _noise_images(16, 24, seed)
@@ -113,12 +119,14 @@ def test_batched_search_at_least_as_good_as_scipy(kind):
             model, images, labels = _bowl()
         att = PointAttacker(model, AttackConfig(popsize=40, generations=10, chunk_size=64, seed=seed))
         res = att(images, labels)
-        ours.append(res.fitness.mean().item())
+        theirs = _scipy_fitness(att, images, labels, 40, 10, seed)
+        diffs.append(res.fitness.double().numpy() - theirs)
         clean.append(res.clean_prob.mean().item())
-        ref.append(_scipy_mean(att, images, labels, 40, 10, seed))
-    o, r, c = np.mean(ours), np.mean(ref), np.mean(clean)
-    assert c - r > 0.03, "the objective must leave room to search"
-    assert o <= r + (0.01 if kind == "rugged" else 0.005), f"batched {o:.4f} vs scipy {r:.4f}"
+        ref.append(theirs.mean())
+    d = np.concatenate(diffs)
+    assert np.mean(clean) - np.mean(ref) > 0.03, "the objective must leave room to search"
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    assert d.mean() <= 2 * se, f"batched worse than scipy by {d.mean():.4f} on average (2 SE = {2 * se:.4f})"
 
 
 def test_de_converges_to_the_known_optimum():

@@ -57,6 +57,31 @@ def test_killed_stage_resumes_in_same_folder_and_is_not_reused(tmp_path):
     assert done["state"] == "finished" and "error" not in done  # the old failure is not shown as current
 
 
+def test_status_cli_shows_each_stage_state_and_output(tmp_path, capsys):
+    """`fermine status RUN`: finished, failed and killed (started, never finished) stages, one row each."""
+    import json
+
+    from flows.cli import main
+    from flows.stage import LEDGER
+
+    root = tmp_path / "run"
+    run = Run(str(root))
+    done = run.stage("ingest", {"n": 2}, {}, _write(2))
+    with pytest.raises(ValueError):
+        run.stage("teacher", {}, {"images": done.uri}, lambda out: (_ for _ in ()).throw(ValueError("diverged")))
+    # A process killed mid-stage leaves only its "started" event.
+    with open(root / LEDGER, "a") as f:
+        f.write(json.dumps({"event": "started", "stage": "attack-r1", "uri": str(root / "attack-r1-x"), "time": 0}) + "\n")
+    main(["status", str(root)])
+    lines = {ln.split("│")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.count("│") >= 5}
+    assert "finished" in lines["ingest"] and done.uri.rsplit("/", 1)[-1] in lines["ingest"]
+    assert "failed" in lines["teacher"]
+    assert "running or" in lines["attack-r1"]
+    with pytest.raises(SystemExit) as e:
+        main(["status", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "no recorded stages" in capsys.readouterr().err
+
+
 def test_torn_stage_record_means_unfinished(tmp_path):
     run = Run(str(tmp_path / "run"))
     rec = run.stage("s", {}, {}, _write(1))

@@ -258,7 +258,8 @@ def register(app: typer.Typer) -> None:
     @app.command("omni")
     def omni_cmd(
         labeled: str = typer.Argument(..., help="Labeled image table (train split: anchor; test split: inner test)."),
-        pool: str = typer.Argument(..., help="Unlabeled pool image table."),
+        pool: str = typer.Argument(..., help="Unlabeled pool: an image table, or an MS-Celeb-1M release folder "
+                                   "(train.rec + train.idx, or <identity>/<n>.jpg), ingested once into OUT/pool."),
         out: str = typer.Argument(..., help="Output folder (every stage's artifact, results.md/json, figures)."),
         cross: Optional[List[str]] = typer.Option(None, help="Cross-data-set test table as NAME=TABLE (repeatable)."),
         cross_split: Optional[List[str]] = typer.Option(None, help="Split(s) of the cross tables (default: all rows)."),
@@ -291,7 +292,7 @@ def register(app: typer.Typer) -> None:
         from tasks.train import TrainConfig
 
         _need_table(labeled, "LABELED")
-        _need_table(pool, "POOL")
+        pool = _pool_table(pool, out)
         if primitive:
             _need_checkpoint(primitive)
         cross_map = {}

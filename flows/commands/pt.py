@@ -142,7 +142,10 @@ def register(app: typer.Typer) -> None:
                 finetune_config(cfg)  # the matched baseline must be expressible before anything runs
             if arch not in available_models():
                 raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
-        except ValueError as e:
+            from tasks.train import resolve_device
+
+            resolve_device(device)
+        except (ValueError, RuntimeError) as e:  # torch.device("gpu") is a RuntimeError
             raise UserError(str(e)) from e
 
         synth = None
@@ -156,20 +159,24 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 raise UserError(str(e)) from e
         labeled_uri = synth if labeled == SYNTHETIC else labeled
-        if synthetic_pretrain and labeled == SYNTHETIC and pretrained is None:
-            import dataclasses
-
-            from flows.pt import synthetic_backbone
-
-            with console.status("pretraining the backbone on the style-b synthetic faces (once, then reused)"):
-                cfg = dataclasses.replace(cfg, pretrained=synthetic_backbone(out, size, arch, device=device, seed=seed))
-            console.print(f"pretrained backbone: {cfg.pretrained}")
         pool_uri = None if pool == "-" else (synth if pool == SYNTHETIC else pool)
         test_uri = synth if test == SYNTHETIC else test
         for name, uri in (("LABELED", labeled_uri), ("POOL", pool_uri), ("TEST", test_uri), ("--val", val)):
             if uri is not None and not is_finished(uri):
                 raise UserError(f"{name}: no finished image table at {uri}; check the path, or run "
                                 "`fermine ingest` first")
+        if synthetic_pretrain and labeled == SYNTHETIC and pretrained is None:
+            import dataclasses
+
+            from flows.pt import synthetic_backbone
+
+            try:
+                with console.status("pretraining the backbone on the style-b synthetic faces (once, then reused)"):
+                    cfg = dataclasses.replace(cfg, pretrained=synthetic_backbone(out, size, arch, device=device,
+                                                                                 seed=seed))
+            except ValueError as e:
+                raise UserError(str(e)) from e
+            console.print(f"pretrained backbone: {cfg.pretrained}")
 
         results: list[dict[str, Any]] = []
         try:
