@@ -1,6 +1,6 @@
 """Mining throughput and memory: the streaming Ray mining job vs the model's plain inference.
 
-For each pool size (default 2,000 and 10,000 faces at 112 px, the MS1M release's resolution) the
+For each pool size (default 10,000 and 100,000 faces at 112 px, the MS1M release's resolution) the
 bench writes a synthetic pool in Parquet shards, mines it with workers.mine.mine_pool (Ray actors,
 one shard per task, output written by the actors) and reports:
 
@@ -19,8 +19,8 @@ pool takes seconds instead of the ~12 minutes rendering would take on this CPU. 
 randomly initialised ``--arch`` (throughput does not depend on the weights); centroids come from a
 small labeled synthetic set.
 
-    .venv/bin/python bench/mine.py                                  # 2k and 10k, a few minutes on 2 CPUs
-    .venv/bin/python bench/mine.py --sizes 10000 100000 --json out.json   # the issue's sizes
+    .venv/bin/python bench/mine.py --json out.json           # 10k and 100k (the issue's sizes)
+    .venv/bin/python bench/mine.py --sizes 2000 10000        # a few minutes on 2 CPUs
 """
 
 from __future__ import annotations

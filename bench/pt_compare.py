@@ -29,6 +29,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 METHODS = ("finetune", "mean_teacher", "pt")
+# The defaults are PT's synthetic recipe, the one `fermine pt synthetic ...` uses.
+from flows.pt import SYNTHETIC_RECIPE as RECIPE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,15 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="work folder (data, pretraining and runs are reused from it)")
     ap.add_argument("--noise", type=float, action="append", help="symmetric noise rate(s); default 0.3")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--lr-step", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--turn-iters", type=int, default=130)
-    ap.add_argument("--ema-max", type=float, default=0.99)
+    ap.add_argument("--size", type=int, default=RECIPE["input_size"])
+    ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    ap.add_argument("--lr-step", type=int, default=RECIPE["lr_steps"][0])
+    ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    ap.add_argument("--turn-iters", type=int, default=RECIPE["turn_iters"])
+    ap.add_argument("--ema-max", type=float, default=RECIPE["ema_max"])
     ap.add_argument("--split-bn", action="store_true", help="PTConfig.split_bn for Mean Teacher and PT")
     ap.add_argument("--forget-rate", type=float, default=None,
-                    help="PT's final forget rate r (default: the paper's rule, noise + 0.1)")
+                    help="PT's final forget rate r (default: the rule, noise + --forget-margin)")
+    ap.add_argument("--forget-margin", type=float, default=RECIPE["forget_margin"],
+                    help="what the rule adds to the noise rate (paper on RAF-DB: 0.1)")
     ap.add_argument("--scratch", action="store_true", help="no pretrained backbone")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0, help="initialisation/batch seed of every method")
@@ -80,13 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
         pretrained = synthetic_backbone(args.out, args.size, epochs=args.pretrain_epochs, device="cpu")
     cfg = PTConfig(input_size=args.size, epochs=args.epochs, lr_steps=(args.lr_step,), batch_size=args.batch_size,
                    turn_iters=args.turn_iters, ema_max=args.ema_max, split_bn=args.split_bn, pretrained=pretrained,
-                   forget_rate=args.forget_rate,
+                   forget_rate=args.forget_rate, forget_margin=args.forget_margin,
                    seed=args.seed, device="cpu", pool_splits=("pool",))
     print(f"data + pretraining: {time.time() - t0:.0f} s ({'pretrained: ' + pretrained if pretrained else 'scratch'})",
           flush=True)
     tag = f"{'scratch' if args.scratch else 'pre'}-e{args.epochs}-b{args.batch_size}-T{args.turn_iters}" \
           f"-ema{args.ema_max}{'-splitbn' if args.split_bn else ''}" \
-          f"{'' if args.forget_rate is None else f'-r{args.forget_rate:g}'}-s{args.seed}"
+          f"{'' if args.forget_rate is None else f'-r{args.forget_rate:g}'}-m{args.forget_margin:g}-s{args.seed}"
     rows = []
     for rate in rates:
         train_uri = data

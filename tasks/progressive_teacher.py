@@ -85,7 +85,11 @@ class PTConfig:
     momentum, weight_decay: SGD, 0.9 and 5e-4.
     forget_rate (r): fraction of each batch's labeled samples that is finally filtered out. None = the
         paper's rule from the labeled table's label-noise record: 0.05 for tables without injected
-        noise, noise rate + 0.1 for symmetric noise, 0.05 (rate <= 10%) or 0.1 for asymmetric noise.
+        noise, noise rate + ``forget_margin`` for symmetric noise, 0.05 (rate <= 10%) or 0.1 for
+        asymmetric noise.
+    forget_margin: 0.1, what the rule adds to a symmetric noise rate: the paper's allowance for the
+        noise RAF-DB's own labels carry. Labels that are clean but for the injected noise (the
+        synthetic data) call for 0.
     turn_iters (T): 300; R(t) reaches 1 - r at iteration T and stays there.
     ratio: "progressive" (Eq. 8) or "fixed" (R = 1 - r from the first iteration; ablation Fig. 11).
     ema_max: 0.999, the cap of the EMA coefficient alpha = min(1 - 1/(1 + t), ema_max).
@@ -127,6 +131,7 @@ class PTConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     forget_rate: float | None = None
+    forget_margin: float = 0.1
     turn_iters: int = 300
     ratio: str = "progressive"
     ema_max: float = 0.999
@@ -161,6 +166,8 @@ class PTConfig:
             problems.append("cross guidance needs n_pairs >= 2 (use guidance='same' for a single pair)")
         if self.forget_rate is not None and not 0.0 <= self.forget_rate < 1.0:
             problems.append(f"forget_rate={self.forget_rate} must be in [0, 1)")
+        if not 0.0 <= self.forget_margin < 1.0:
+            problems.append(f"forget_margin={self.forget_margin} must be in [0, 1)")
         if not 0.0 < self.labeled_fraction <= 1.0:
             problems.append(f"labeled_fraction={self.labeled_fraction} must be in (0, 1]")
         if self.batch_size < 2:
@@ -288,8 +295,9 @@ def routing(n_pairs: int, guidance: str) -> list[int]:
     return list(range(n_pairs))
 
 
-def resolve_forget_rate(forget_rate: float | None, spec: dict[str, Any] | None) -> float:
-    """The forget rate r: explicit, or the paper's rule (Section 4.2) from the table's noise record."""
+def resolve_forget_rate(forget_rate: float | None, spec: dict[str, Any] | None, margin: float = 0.1) -> float:
+    """The forget rate r: explicit, or the paper's rule (Section 4.2) from the table's noise record
+    (symmetric: the noise rate + ``margin``)."""
     if forget_rate is not None:
         return float(forget_rate)
     if not spec or spec.get("kind") in (None, "none") or not float(spec.get("rate") or 0):
@@ -297,7 +305,7 @@ def resolve_forget_rate(forget_rate: float | None, spec: dict[str, Any] | None) 
     rate = float(spec["rate"])
     if spec["kind"] == "asymmetric":
         return 0.05 if rate <= 0.1 + 1e-9 else 0.1
-    return min(0.95, rate + 0.1)
+    return min(0.95, rate + margin)
 
 
 # ---------------------------------------------------------------- networks
@@ -614,7 +622,7 @@ def train_pt(
     labeled = labeled.subset(torch.nonzero(keep).flatten())
     clean = _clean_labels(labeled_uri, cfg.train_splits, labeled.ids)
     spec = noise_spec(labeled_uri)
-    r = resolve_forget_rate(cfg.forget_rate, spec)
+    r = resolve_forget_rate(cfg.forget_rate, spec, cfg.forget_margin)
     pool = _Pool(unlabeled_uri, cfg.input_size, cfg.pool_splits, cfg.pool_cache_rows) if unlabeled_uri else None
     val = load_image_set(val_uri, cfg.input_size, splits=list(cfg.val_splits)) if val_uri else None
     if val is not None:

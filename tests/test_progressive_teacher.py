@@ -104,6 +104,7 @@ def test_config_validation_and_forget_rate_rule():
     assert (mt.n_pairs, mt.guidance, mt.forget_rate) == (1, "same", 0.0)
     assert resolve_forget_rate(None, None) == 0.05
     assert resolve_forget_rate(None, {"kind": "symmetric", "rate": 0.3}) == pytest.approx(0.4)
+    assert resolve_forget_rate(None, {"kind": "symmetric", "rate": 0.3}, margin=0.0) == pytest.approx(0.3)
     assert resolve_forget_rate(None, {"kind": "asymmetric", "rate": 0.1}) == pytest.approx(0.05)
     assert resolve_forget_rate(None, {"kind": "asymmetric", "rate": 0.3}) == pytest.approx(0.1)
     assert resolve_forget_rate(0.2, {"kind": "symmetric", "rate": 0.3}) == 0.2
@@ -493,7 +494,10 @@ def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path, tiny_pretraining)
     assert "/data/synthetic-" in res["labeled_uri"] and res["pool_uri"] == res["labeled_uri"]
     assert list(res["config"]["pool_splits"]) == ["pool"] and res["test_splits"] == ["test"]
     assert [r["method"] for r in res["rows"]] == ["PT"] and res["rows"][0]["noise"] == 0.25
-    assert res["rows"][0]["forget_rate"] == pytest.approx(0.35)  # the paper's rule: 25% symmetric + 0.1
+    # The synthetic recipe: r = the noise rate (its labels are clean but for the injected noise), the
+    # recipe's EMA cap; settings given in `config` win over the recipe.
+    assert res["rows"][0]["forget_rate"] == pytest.approx(0.25)
+    assert res["config"]["ema_max"] == 0.99 and res["config"]["turn_iters"] == 5
     assert res["config"]["pretrained"].endswith("backbone.pt") and "/data/pretrain-" in res["config"]["pretrained"]
 
 
@@ -514,6 +518,10 @@ def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretrain
     # Every method starts from the synthetic pretraining by default; --split-bn reaches the config.
     meta = load_checkpoint(res[0]["checkpoint"])[1]
     assert meta["config"]["pretrained"].endswith("backbone.pt") and meta["config"]["split_bn"] is False
+    # Settings not given come from the synthetic recipe; given ones stay.
+    assert (meta["config"]["turn_iters"], meta["config"]["ema_max"], meta["config"]["forget_margin"]) == (130, 0.99, 0.0)
+    assert (meta["config"]["epochs"], meta["config"]["input_size"], meta["config"]["lr_steps"]) == (1, 32, [5])
+    assert res[0]["forget_rate"] == pytest.approx(0.25)
     out2 = str(tmp_path / "syn2")
     main(["pt", "synthetic", "synthetic", "synthetic", out2, "--noise", "0.25", "--epochs", "1", "--size", "32",
           "--batch-size", "8", "--no-synthetic-pretrain", "--split-bn", "--no-report", *opts])

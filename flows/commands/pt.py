@@ -40,21 +40,24 @@ def register(app: typer.Typer) -> None:
         noise_seed: int = typer.Option(0, help="Seed of the injected label noise."),
         compare: bool = typer.Option(False, "--compare", help="Also train the fine-tune baseline and Mean Teacher "
                                      "at every noise rate and print a Table-4-like comparison."),
-        epochs: int = typer.Option(6, help="Epochs N (paper: 6)."),
-        batch_size: int = typer.Option(200, help="Images per mini-batch (paper: 200)."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs N (paper: 6; synthetic recipe: 10)."),
+        batch_size: Optional[int] = typer.Option(None, help="Images per mini-batch (paper: 200; synthetic: 64)."),
         labeled_fraction: float = typer.Option(0.25, help="Labeled share of each mini-batch (paper: 1/4)."),
         lr: float = typer.Option(0.01, help="Initial learning rate (paper: 0.01)."),
         lr_step: Optional[List[int]] = typer.Option(None, help="Epoch(s) after which lr is multiplied by "
-                                                    "--lr-gamma (paper: 3)."),
+                                                    "--lr-gamma (paper: 3; synthetic: 5)."),
         lr_gamma: float = typer.Option(0.1, help="Learning-rate decay factor."),
         momentum: float = typer.Option(0.9, help="SGD momentum."),
         weight_decay: float = typer.Option(5e-4, help="SGD weight decay (paper: 5e-4)."),
         forget_rate: Optional[float] = typer.Option(None, help="r: final fraction of labeled samples filtered out "
-                                                    "per batch. Default: the paper's rule (noise rate + 0.1 for "
-                                                    "symmetric noise, 0.05 without noise)."),
-        turn_iters: int = typer.Option(300, "--turn-iters", "-T", help="T: iteration at which R(t) reaches 1 - r."),
-        ema_max: float = typer.Option(0.999, help="Cap of the teachers' EMA coefficient alpha = min(1 - 1/(1 + "
-                                      "iter), cap) (paper: 0.999; 0.99 suits short from-scratch runs)."),
+                                                    "per batch. Default: the paper's rule (noise rate + "
+                                                    "--forget-margin for symmetric noise, 0.05 without noise)."),
+        forget_margin: Optional[float] = typer.Option(None, help="What the rule adds to a symmetric noise rate "
+                                                      "(paper, RAF-DB: 0.1; synthetic: 0, its labels are clean)."),
+        turn_iters: Optional[int] = typer.Option(None, "--turn-iters", "-T", help="T: iteration at which R(t) "
+                                                 "reaches 1 - r (paper: 300; synthetic: 130)."),
+        ema_max: Optional[float] = typer.Option(None, help="Cap of the teachers' EMA coefficient alpha = min(1 - "
+                                                "1/(1 + iter), cap) (paper: 0.999; synthetic: 0.99)."),
         consistency_max: float = typer.Option(10.0, help="Final consistency weight: w = max * exp(-shape * "
                                               "(1 - epoch/N)^2) (paper: 10)."),
         consistency_shape: float = typer.Option(5.0, help="Shape of the consistency ramp-up (paper: 5)."),
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
                                         "extension (Section 4.6): keep large-loss samples the teacher is sure of."),
         confidence_threshold: float = typer.Option(0.9, help="Confidence above which a large-loss sample is kept."),
         arch: str = typer.Option("small_cnn", help="small_cnn (CPU), resnet18, resnet34, resnet50, vgg16."),
-        size: int = typer.Option(64, help="Input side in pixels (paper: 112)."),
+        size: Optional[int] = typer.Option(None, help="Input side in pixels (paper: 112; default 64; synthetic: 48)."),
         pretrained: Optional[str] = typer.Option(None, help="Local weights file or checkpoint folder for every "
                                                  "method's backbone."),
         synthetic_pretrain: bool = typer.Option(SYNTHETIC_PRETRAIN_DEFAULT, "--synthetic-pretrain/--no-synthetic-pretrain",
@@ -93,16 +96,28 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Progressive Teacher: two EMA teachers pick small-loss labeled samples for each other's student.
 
-        Defaults are the paper's (a pretrained ResNet-18 on RAF-DB). From scratch on the synthetic data,
-        give T about half the iterations and --ema-max 0.99; the measured comparison used: --compare
-        --size 48 --batch-size 64 --epochs 30 --lr-step 24 -T 390 --ema-max 0.99 --synthetic-option
-        train_per_class=60 --synthetic-option intensity_min=0.6.
+        Defaults are the paper's (6 epochs, batch 200, T = 300, EMA cap 0.999, r = noise + 0.1) except
+        where LABELED is 'synthetic': there the synthetic recipe (flows.pt.SYNTHETIC_RECIPE: 48 px, 10
+        epochs, lr step 5, batch 64, T = 130, EMA cap 0.99, r = noise) fills every setting not given, and
+        every method starts from a backbone pretrained on other synthetic faces (--synthetic-pretrain).
         """
         from rich.console import Console
         from rich.table import Table
 
         from flows.cli import UserError
+        from flows.pt import SYNTHETIC_RECIPE
         from storage.artifact import is_finished, join
+
+        # Settings not given: the synthetic recipe on the synthetic data, the paper's (PTConfig) otherwise.
+        given = {"input_size": size, "epochs": epochs, "lr_steps": tuple(lr_step) if lr_step else None,
+                 "batch_size": batch_size, "turn_iters": turn_iters, "ema_max": ema_max,
+                 "forget_margin": forget_margin}
+        from tasks.progressive_teacher import PTConfig
+
+        paper = PTConfig()  # the paper's values (input size: fermine's CPU default)
+        base = {**{k: getattr(paper, k) for k in given}, **(SYNTHETIC_RECIPE if labeled == SYNTHETIC else {})}
+        chosen = {k: base[k] if v is None else v for k, v in given.items()}
+        size = int(chosen["input_size"])
 
         console = Console(stderr=True)
         train_splits = _split_list(train_split, ("train",))
@@ -125,10 +140,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = PTConfig(
-                arch=arch, input_size=size, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
-                labeled_fraction=labeled_fraction, lr=lr, lr_steps=tuple(lr_step) if lr_step else (3,),
+                arch=arch, pretrained=pretrained, labeled_fraction=labeled_fraction, lr=lr,
                 lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, forget_rate=forget_rate,
-                turn_iters=turn_iters, ema_max=ema_max, consistency_max=consistency_max,
+                consistency_max=consistency_max, **chosen,
                 consistency_shape=consistency_shape, ratio=ratio, guidance=guidance,
                 consistency_guidance=consistency_guidance,
                 n_pairs=pairs, confidence_estimator=confidence, confidence_threshold=confidence_threshold,
