@@ -9,6 +9,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Ray workers inherit the environment: let them import helpers defined in test modules.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
 
+# Prefect configures logging when first imported (logging.config.dictConfig), which closes every handler
+# already installed, absl's among them once a test has loaded TensorFlow (MTCNN); absl's handler closes
+# its stream, by then a pytest capture buffer, and the suite dies ("lost sys.stderr"). Imported first,
+# Prefect sets logging up before any such handler exists.
+from prefect import flow as _prefect_flow  # noqa: E402,F401  (the import that runs Prefect's setup_logging)
+
 
 @pytest.fixture
 def rng():
