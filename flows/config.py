@@ -31,6 +31,10 @@ class DataSource(BaseModel):
     # releases that ship aligned crops (MS1M 112 x 112, FER2013 48 x 48): no MTCNN pass over them.
     align: dict[str, Any] = Field(default_factory=dict)
 
+    def ingest_config(self) -> dict[str, Any]:
+        """What the ingest stage reads by (its identity and manifest): everything but the align overrides."""
+        return self.model_dump(mode="json", exclude={"align"})
+
 
 class RaySection(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -58,7 +58,7 @@ class Round:
 
     def _ingest_and_align(self, suffix: str, src: DataSource) -> str:
         """ingest{suffix} -> align{suffix}, the run's align settings with the source's own on top."""
-        raw = stage(self.run, f"ingest{suffix}", src.model_dump(mode="json", exclude={"align"}), {}, steps.ingest(src))
+        raw = stage(self.run, f"ingest{suffix}", src.ingest_config(), {}, steps.ingest(src))
         align_cfg = steps.align_config({**self.cfg.align, **src.align})
         return stage(self.run, f"align{suffix}", align_cfg, {"images": raw.uri},
                      steps.align(align_cfg, raw.uri, self.cfg.ray), ray=True).uri

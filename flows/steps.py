@@ -26,10 +26,10 @@ def train_config(overrides: Mapping[str, Any], seed: int, section: str):
     return build_dataclass(TrainConfig, {"seed": seed, **overrides}, section)
 
 
-def align_config(overrides: Mapping[str, Any]):
+def align_config(overrides: Mapping[str, Any], section: str = "align"):
     from tasks.align import AlignConfig
 
-    return build_dataclass(AlignConfig, dict(overrides), "align")
+    return build_dataclass(AlignConfig, dict(overrides), section)
 
 
 def attack_config(overrides: Mapping[str, Any], seed: int):
@@ -105,14 +105,12 @@ def resolve_configs(cfg: Any, check_paths: bool = True) -> dict[str, Any]:
 
     ``check_paths=False`` skips the data sets' ROOTs (validating a config written for another machine).
     """
-    from tasks.align import AlignConfig
-
     sources = {"labeled": cfg.labeled, **({"pool": cfg.pool} if cfg.pool is not None else {}),
                **{f"cross[{i}]": src for i, src in enumerate(cfg.cross)}}
     for where, src in sources.items():
         check_source(src, where, check_paths)
         if src.align:
-            build_dataclass(AlignConfig, {**cfg.align, **src.align}, f"{where}.align")
+            align_config({**cfg.align, **src.align}, f"{where}.align")
     teacher = train_config(cfg.teacher, cfg.seed, "teacher")
     attack = attack_config(cfg.attack, cfg.seed)
     if cfg.pipeline == "evaluate" and not cfg.model:
@@ -216,7 +214,7 @@ def ingest(src: DataSource) -> StageFn:
         if _committed(out):
             return
         records = get_reader(src.format)(src.root, **src.options)
-        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.model_dump(mode="json", exclude={"align"}),
+        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.ingest_config(),
                           rows_per_shard=src.rows_per_shard)
 
     return fn

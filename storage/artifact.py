@@ -145,6 +145,17 @@ def clear_unfinished(uri: str, subfolders: Sequence[str] = ()) -> None:
     fs.rm(path, recursive=True)
 
 
+def reopen(uri: str) -> None:
+    """Drop the manifest of a committed artifact so its shards can be completed and committed again.
+
+    For the rejects a sharded stage commits just before its main table: a crash between the two
+    commits leaves finished rejects, whose shards are kept and whose manifest is rewritten.
+    """
+    fs, path = _fs(uri)
+    if fs.exists(f"{path}/{MANIFEST}"):
+        fs.rm(f"{path}/{MANIFEST}")
+
+
 CLAIM = "_claim.json"
 
 

@@ -499,7 +499,7 @@ def attack_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackC
     Each input shard's positions are written atomically under the same shard index, so a rerun
     attacks only the shards not yet written. Returns the committed Manifest.
     """
-    from storage.artifact import MANIFEST, Artifact, ShardedWriter, _fs, join, shard_name
+    from storage.artifact import Artifact, ShardedWriter, join, reopen, shard_name
 
     src = Artifact(table_uri)
     config, inputs = stage_config(cfg, checkpoint_uri), {"table": src.digest}
@@ -507,11 +507,7 @@ def attack_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackC
     if finished is not None:
         return finished
     names = [shard_name(i) for i in range(src.num_shards)]
-    # A crash between committing the rejects and the positions leaves a finished rejects artifact:
-    # its shards stay, its manifest goes (rewritten below).
-    rfs, rpath = _fs(join(out_uri, REJECTS))
-    if rfs.exists(f"{rpath}/{MANIFEST}"):
-        rfs.rm(f"{rpath}/{MANIFEST}")
+    reopen(join(out_uri, REJECTS))
     writer, rwriter = ShardedWriter(out_uri), ShardedWriter(join(out_uri, REJECTS))
     done = writer.done()
     todo = [i for i, n in enumerate(names) if n not in done]

@@ -469,7 +469,7 @@ def distill(
             "identity": ident, "step_sizes": d.step_sizes, "lr": float(np.mean(d.step_sizes)),
             "real_images": int(len(y)), "outer_steps": len(d.history),
             "final_loss": d.history[-1]["loss"] if d.history else None, "holdout": holdout,
-            "absent_classes": [names[c] for c in range(cfg.num_classes) if c not in set(d.labels.tolist())],
+            "absent_classes": [names[c] for c in sorted(set(range(cfg.num_classes)) - set(d.labels.tolist()))],
             "grid": GRID_FILE, "seconds": time.perf_counter() - t0,
         })
     return DistillResult(m, d.step_sizes, grid_uri, d.history, holdout)

@@ -59,9 +59,6 @@ def attack_artifact(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: Atta
     """
     src = Artifact(table_uri)
     config, inputs = stage_config(cfg, checkpoint_uri), {"table": src.digest}
-    finished = resume_guard(out_uri, config, inputs)
-    if finished is not None:
-        return finished
     pool = pool or default_pool()
     threads = None if pool.num_gpus > 0 else max(1, int(pool.num_cpus))
     factory = functools.partial(attack_factory, checkpoint_uri, cfg, threads)

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import ray
 
 
+_ADVICE = ("Check that the cluster is up (`ray status` on the head), the address and the token "
+           "(RAY_AUTH_MODE/RAY_AUTH_TOKEN), or leave the address unset for a local instance.")
+
+
 class ClusterConnectionError(ConnectionError):
     """Ray could not be reached or started; the message says where and what to check."""
 
@@ -49,8 +53,7 @@ def connect(cfg: RayConfig | None = None) -> None:
         where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address!r}"
         raise ClusterConnectionError(
             f"could not connect to {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
-            "Check that the cluster is up (`ray status` on the head), the address and the token "
-            "(RAY_AUTH_MODE/RAY_AUTH_TOKEN), or leave the address unset for a local instance."
+            + _ADVICE
         ) from e
 
 
@@ -69,9 +72,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise ClusterConnectionError(
-            f"could not connect to the Ray cluster at {address!r}: nothing answers on {host}:{port} ({e}). "
-            "Check that the cluster is up (`ray status` on the head) and the address, or leave the address "
-            "unset for a local instance."
+            f"could not connect to the Ray cluster at {address!r}: nothing answers on {host}:{port} ({e}). " + _ADVICE
         ) from None
 
 

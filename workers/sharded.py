@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage.artifact import MANIFEST, Artifact, Manifest, ShardedWriter, ShardInfo, _fs, claim, join, shard_name
+from storage.artifact import Artifact, Manifest, ShardedWriter, ShardInfo, claim, join, reopen, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,7 @@ def run_sharded(
         return finished
     src = Artifact(in_uri)
     writer = ShardedWriter(out_uri)
-    # A crash between the rejects' commit and the table's leaves a finished rejects artifact:
-    # its shards are kept, its manifest is dropped and rewritten below.
-    rej_fs, rej_path = _fs(join(out_uri, REJECTS))
-    if rej_fs.exists(f"{rej_path}/{MANIFEST}"):
-        rej_fs.rm(f"{rej_path}/{MANIFEST}")
+    reopen(join(out_uri, REJECTS))
     names = [shard_name(i) for i in range(src.num_shards)]
     done = writer.done()
     todo = [i for i, n in enumerate(names) if n not in done]
