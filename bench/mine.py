@@ -141,7 +141,7 @@ def plain_inference(ck: str, base: list[dict], batch: int, threads: int, seconds
     import numpy as np
     import torch
 
-    from tasks.centroids import resolve_device
+    from tasks.device import resolve_device
     from tasks.checkpoint import load_checkpoint
     from tasks.data import decode_resized, normalize
 

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from tasks.train import TrainConfig, load_labeled, resolve_device, train
+    from tasks.device import resolve_device
+    from tasks.train import TrainConfig, load_labeled, train
 
     workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
     if args.threads:

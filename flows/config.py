@@ -57,8 +57,13 @@ class RunConfig(BaseModel):
     ray: RaySection = Field(default_factory=RaySection)
     labeled: DataSource = Field(default_factory=DataSource)  # train + test splits
     pool: DataSource | None = None  # unlabeled pool for mining; None = the labeled source's "pool" split
+    #                                 (mine.splits, when set, names the splits mined instead)
     cross: list[DataSource] = Field(default_factory=list)  # cross-data-set test sets
     test_split: str = "test"
+    # More splits of the labeled table, each evaluated as its own test set named after it (PASM Table
+    # III: the synthetic generator's test_occlusion, test_pose30, test_pose45). A split a model's table
+    # lacks is an error at evaluation.
+    extra_test_splits: list[str] = Field(default_factory=list)
     # Per-stage overrides of the stage config dataclasses (see `fermine config --defaults`).
     align: dict[str, Any] = Field(default_factory=dict)
     teacher: dict[str, Any] = Field(default_factory=dict)

@@ -92,8 +92,10 @@ def publish_results(run: Run, cfg: Any, results: ResultsTable, figures: Mapping[
     _prefect_artifacts(cfg.name, results)
     if getattr(cfg, "report", True):
         from flows.report import build_report
+        from tasks.figures import draw_safely
 
-        summary["report"] = build_report(run.root)
+        # The report is a view of committed results: an error drawing it is logged, the run still ends well.
+        summary["report"] = draw_safely("report", build_report, run.root)
     return summary
 
 

@@ -65,6 +65,8 @@ class Round:
 
     def test_sets(self) -> dict[str, tuple[str, tuple[str, ...] | None]]:
         sets = {"inner": (self.uris["labeled"], (self.cfg.test_split,))}
+        for split in self.cfg.extra_test_splits:
+            sets[split.removeprefix("test_")] = (self.uris["labeled"], (split,))
         for i in range(len(self.cfg.cross)):
             sets[f"cross{i}"] = (self.uris[f"cross{i}"], None)
         return sets
@@ -93,38 +95,81 @@ class Round:
         return rec.uri
 
     def pasm(self) -> None:
+        """Algorithm 1's rounds, then Table VII's one-round conditions without teacher (PasmConfig.compare)."""
         c = self.cfg
         attack_cfg = steps.attack_config(c.attack, c.seed)
         pasm_cfg = steps.pasm_config(c.pasm, self.teacher_cfg, attack_cfg)
-        teacher = self.uris["teacher"]
+        labeled, teacher = self.uris["labeled"], self.uris["teacher"]
+        row = "random-erasing-r{}" if pasm_cfg.random_erasing else "pasm-r{}"
         figure_rows: list[dict[str, str]] = []
         for r in range(1, pasm_cfg.rounds + 1):
-            att = stage(self.run, f"attack-r{r}", attack_cfg, {"teacher": teacher, "images": self.uris["labeled"]},
-                        steps.attack(attack_cfg, teacher, self.uris["labeled"], c.ray), ray=True)
-            erase_cfg = steps.erase_config(pasm_cfg, random_position=False, seed=c.seed + r)
-            er = stage(self.run, f"erase-r{r}", erase_cfg, {"images": self.uris["labeled"], "positions": att.uri},
-                       steps.erase(erase_cfg, self.uris["labeled"], att.uri))
+            if pasm_cfg.random_erasing:  # the ablation: same region size, random positions, no attack
+                erased = self._random_square(pasm_cfg, f"erase-random-r{r}", c.seed + r)
+            else:
+                erased = self._attack_and_erase(pasm_cfg, attack_cfg, teacher, r)
             student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + r)
             st = stage(self.run, f"student-r{r}", {"train": student_cfg, "pasm": pasm_cfg},
-                       {"erased": er.uri, "teacher": teacher, "images": self.uris["labeled"]},
-                       steps.student(student_cfg, pasm_cfg, er.uri, self.uris["labeled"], teacher))
-            self.evaluate(f"pasm-r{r}", st.uri)
-            figure_rows.append({"round": str(r), "erased": er.uri, "positions": att.uri})
+                       {"erased": erased, "teacher": teacher, "images": labeled},
+                       steps.student(student_cfg, pasm_cfg, erased, labeled, teacher))
+            self.evaluate(row.format(r), st.uri)
+            figure_rows.append({"round": str(r), "erased": erased})
             teacher = st.uri
         self.uris["pasm"] = teacher
-        if pasm_cfg.compare_random:
-            rnd_cfg = steps.erase_config(pasm_cfg, random_position=True, seed=c.seed)
-            er = stage(self.run, "erase-random", rnd_cfg, {"images": self.uris["labeled"]},
-                       steps.erase(rnd_cfg, self.uris["labeled"], None))
-            student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + 1)
-            st = stage(self.run, "student-random", {"train": student_cfg, "pasm": pasm_cfg},
-                       {"erased": er.uri, "teacher": self.uris["teacher"], "images": self.uris["labeled"]},
-                       steps.student(student_cfg, pasm_cfg, er.uri, self.uris["labeled"], self.uris["teacher"]))
-            self.evaluate("random-erasing", st.uri)
+        self._table7(pasm_cfg, attack_cfg)
         fig = stage(self.run, "figure-pasm", {"rows": len(figure_rows)},
                     {f"r{i}": row["erased"] for i, row in enumerate(figure_rows)},
-                    steps.pasm_figure(figure_rows, self.uris["labeled"]))
+                    steps.pasm_figure(figure_rows, labeled))
         self.figures["pasm"] = steps.first_png(fig.uri)
+
+    def _attack_and_erase(self, pasm_cfg: Any, attack_cfg: Any, teacher: str, r: int) -> str:
+        """Round r's new learning material: the point attack by this round's teacher, erased there."""
+        labeled = self.uris["labeled"]
+        att_cfg = steps.round_attack_config(attack_cfg, r)
+        att = stage(self.run, f"attack-r{r}", att_cfg, {"teacher": teacher, "images": labeled},
+                    steps.attack(att_cfg, teacher, labeled, self.cfg.ray), ray=True)
+        erase_cfg = steps.erase_config(pasm_cfg, random_position=False, seed=self.cfg.seed + r)
+        return stage(self.run, f"erase-r{r}", erase_cfg, {"images": labeled, "positions": att.uri},
+                     steps.erase(erase_cfg, labeled, att.uri)).uri
+
+    def _random_square(self, pasm_cfg: Any, name: str, seed: int) -> str:
+        labeled = self.uris["labeled"]
+        cfg = steps.erase_config(pasm_cfg, random_position=True, seed=seed)
+        return stage(self.run, name, cfg, {"images": labeled}, steps.erase(cfg, labeled, None)).uri
+
+    def _table7(self, pasm_cfg: Any, attack_cfg: Any) -> None:
+        """PASM Table VII: one round, no teacher guidance, the teacher's initialisation and recipe.
+
+        The conditions differ only in the erased region: random (Zhong et al.), attention (Wei et al.)
+        or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
+        identities), so it costs one training.
+        """
+        c, labeled, teacher = self.cfg, self.uris["labeled"], self.uris["teacher"]
+        seed = c.seed + 1
+        for cond in pasm_cfg.compare:
+            if cond == "random_erasing" and pasm_cfg.random_erasing_style == "online":
+                tcfg = steps.baseline_config(self.teacher_cfg, seed, random_erasing=pasm_cfg.random_erasing_p)
+                st = stage(self.run, "student-random-erasing", tcfg, {"train": labeled}, steps.train(tcfg, [labeled]))
+                self.evaluate("random-erasing", st.uri)
+                continue
+            if cond == "random_erasing":
+                erased = self._random_square(pasm_cfg, "erase-random", seed)
+            elif cond == "adversarial_erasing":
+                cam_cfg = steps.cam_config(self.teacher_cfg.train_splits)
+                cam = stage(self.run, "cam", cam_cfg, {"teacher": teacher, "images": labeled},
+                            steps.cam(cam_cfg, teacher, labeled))
+                ecfg = steps.erase_config(pasm_cfg, random_position=False, seed=seed)
+                erased = stage(self.run, "erase-cam", ecfg, {"images": labeled, "positions": cam.uri},
+                               steps.erase(ecfg, labeled, cam.uri)).uri
+            else:  # no_teacher: round 1's learning material, already made unless the rounds erase at random
+                if pasm_cfg.no_teacher and not pasm_cfg.random_erasing:
+                    continue  # the rounds themselves are PASM w/o teacher: round 1 is this row
+                erased = self._attack_and_erase(pasm_cfg, attack_cfg, teacher, 1)
+            scfg = steps.baseline_config(self.teacher_cfg, seed)
+            name = cond.replace("_", "-")
+            data = [erased] + ([labeled] if pasm_cfg.student_data == "both" else [])
+            st = stage(self.run, f"student-{name}", scfg, {f"t{i}": u for i, u in enumerate(data)},
+                       steps.train(scfg, data))
+            self.evaluate("pasm-no-teacher" if cond == "no_teacher" else name, st.uri)
 
     # ---- omni-supervised mining and distillation ----------------------------------------------
     def omni(self) -> None:
@@ -133,12 +178,13 @@ class Round:
         cent_cfg = steps.centroid_config({"splits": list(self.teacher_cfg.train_splits)})
         cent = stage(self.run, "centroids", cent_cfg, {"model": primitive, "labeled": self.uris["labeled"]},
                      steps.centroids(cent_cfg, primitive, self.uris["labeled"]))
-        mine_cfg = steps.mine_config(c.mine)
+        mine_cfg = steps.run_mine_config(c)
         aux = stage(self.run, "mine", mine_cfg, {"model": primitive, "centroids": cent.uri, "pool": self.uris["pool"]},
-                    steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray), ray=True)
+                    steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray, self.test_sets()), ray=True)
         self.figures["mined"] = steps.first_png(aux.uri)
-        dist_cfg = steps.distill_config(c.distill, c.seed)
+        dist_cfg = steps.run_distill_config(c, self.retrain_cfg)
         dis = stage(self.run, "distill", dist_cfg, {"aux": aux.uri}, steps.distill(dist_cfg, aux.uri))
+        self.uris["distill"] = dis.uri
         self.figures["distilled"] = steps.first_png(dis.uri)
         for name, extra in (("vas", aux.uri), ("das", dis.uri)):
             rt = stage(self.run, f"retrain-{name}", self.retrain_cfg, {"labeled": self.uris["labeled"], "aux": extra},

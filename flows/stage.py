@@ -5,52 +5,32 @@ digests, code version). When the stage's function returns, a ``_stage.json`` rec
 output's content digest is written atomically; its presence is the "done" marker, so a
 rerun reuses the folder and a killed stage (no record) is resumed inside the same folder,
 where the stage's own mechanisms (finished shards, last.pt) avoid redoing work.
+
+The code version is per stage (``code_version(fn)``): the stage body's own source plus the
+computing modules it can reach, so editing one stage's module recomputes that stage and its
+dependents only. ``reruns.json`` in the run folder forces a fresh result of named stages
+(``fermine run CONFIG --rerun STAGE``) and, through the inputs' records, of their dependents.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import fnmatch
 import hashlib
-import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
 
+from flows.code_version import code_version
 from storage.artifact import MANIFEST, Manifest, _atomic_put, _fs, identity, join
 
 log = logging.getLogger("fermine.stage")
 
 STAGE_RECORD = "_stage.json"
 LEDGER = "ledger.jsonl"
-
-
-# The packages whose code computes stage outputs; flows only wires them.
-COMPUTING_PACKAGES = ("storage", "tasks", "workers")
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """The installed version plus a digest of the computing packages' source.
-
-    The version alone would let an edited stage (editable installs, a hot-fixed image) reuse
-    outputs of the old code; the digest makes any change to a computation recompute.
-    """
-    try:
-        version = metadata.version("fermine")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        version = "dev"
-    h = hashlib.sha256()
-    for pkg in COMPUTING_PACKAGES:
-        root = Path(importlib.import_module(pkg).__file__).parent
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes())
-    return f"{version}+{h.hexdigest()[:12]}"
+RERUNS = "reruns.json"  # {stage name: times a fresh result was asked for (`fermine run --rerun`)}
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -87,6 +67,10 @@ class StageRecord:
     started: float
     finished: float
     reused: bool = False
+    # Forced recomputations in this output's lineage, {stage: n}: its own (`--rerun`) and its inputs'.
+    # They enter the identity, so a rerun stage's dependents recompute even when its output's
+    # content came out the same (content digests alone would reuse them).
+    reruns: dict[str, int] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -139,14 +123,25 @@ class Run:
     ) -> StageRecord:
         """Run ``fn(out_uri)`` unless an output with the same identity is already finished.
 
-        ``inputs`` maps input names to stage output URIs (their digests enter the identity).
+        ``inputs`` maps input names to stage output URIs (their digests enter the identity). The
+        code version is that of ``fn``'s own computation (``code_version(fn)``); a rerun count of
+        this stage or of any stage upstream (``--rerun``) enters it too.
         """
         cfg = config_dict(config)
-        digests = {}
+        digests: dict[str, str] = {}
+        lineage: dict[str, int] = {}
         for k, uri in inputs.items():
             rec = read_record(uri)
             digests[k] = rec.digest if rec else output_digest(uri)
-        ident = identity(name, cfg, digests, code_version())
+            for s, n in (rec.reruns if rec else {}).items():
+                lineage[s] = max(lineage.get(s, 0), int(n))
+        own = self.reruns().get(name, 0)
+        if own:
+            lineage[name] = own
+        code = code_version(fn)
+        if lineage:  # absent when nothing was rerun: identities stay those of plain runs
+            code += "+reruns=" + json.dumps(sorted(lineage.items()))
+        ident = identity(name, cfg, digests, code)
         out = join(self.root, f"{name}-{ident[:12]}")
         rec = read_record(out)
         if rec is not None and rec.identity == ident:
@@ -169,12 +164,53 @@ class Run:
             inputs={k: inputs[k] for k in inputs},
             started=started,
             finished=time.time(),
+            reruns=dict(sorted(lineage.items())),
         )
         fs, path = _fs(out)
         fs.makedirs(path, exist_ok=True)
         _atomic_put(fs, f"{path}/{STAGE_RECORD}", json.dumps(dataclasses.asdict(rec), indent=2).encode())
         self._log({"event": "finished", "stage": name, "uri": out, "time": rec.finished, "seconds": rec.seconds})
         return rec
+
+    # ---- forced recomputation (`fermine run CONFIG --rerun STAGE`) ---------------------------
+    def reruns(self) -> dict[str, int]:
+        """{stage name: rerun count} of this run; {} when none was asked for."""
+        p = f"{self.path}/{RERUNS}"
+        if not self.fs.exists(p):
+            return {}
+        try:
+            data = json.loads(self.fs.cat_file(p))
+        except ValueError as e:  # written atomically, so only a hand edit gets here
+            raise ValueError(f"{self.root}/{RERUNS} is not valid JSON ({e}); fix or delete it") from None
+        return {str(k): int(v) for k, v in data.items()}
+
+    def stage_names(self) -> list[str]:
+        """Every stage name the ledger records, in the order they first ran."""
+        return list(dict.fromkeys(ev["stage"] for ev in self.events() if "stage" in ev))
+
+    def request_rerun(self, names: Iterable[str]) -> dict[str, int]:
+        """Bump the rerun count of each named stage: its next run computes a fresh output in a new
+        folder, so everything downstream recomputes too, and later plain runs reuse the new results.
+
+        A name is a stage name the ledger records (``attack-r1``) or a glob over them
+        (``'attack-r*'``). A name that matches no recorded stage is refused (ValueError listing the
+        recorded ones): a stage that has not run yet computes anyway, and a typo must not pass
+        silently. Returns the new counts of the named stages.
+        """
+        recorded = self.stage_names()
+        chosen: list[str] = []
+        for pat in names:
+            hits = fnmatch.filter(recorded, pat) if any(c in pat for c in "*?[") else [pat] * (pat in recorded)
+            if not hits:
+                listed = ", ".join(recorded) if recorded else "none"
+                raise ValueError(f"--rerun {pat}: no stage of run {self.root} is named so; its stages: {listed}")
+            chosen.extend(hits)
+        counts = self.reruns()
+        for s in dict.fromkeys(chosen):
+            counts[s] = counts.get(s, 0) + 1
+        _atomic_put(self.fs, f"{self.path}/{RERUNS}", json.dumps(dict(sorted(counts.items())), indent=2).encode())
+        log.info("rerun requested: %s", ", ".join(f"{s} (#{counts[s]})" for s in dict.fromkeys(chosen)))
+        return {s: counts[s] for s in dict.fromkeys(chosen)}
 
     def status(self) -> list[dict[str, Any]]:
         """One row per stage name (latest event wins): state, output, duration."""
@@ -196,6 +232,15 @@ class Run:
         return list(rows.values())
 
 
+def request_reruns(root: str, names: Iterable[str]) -> dict[str, int]:
+    """``Run(root).request_rerun(names)``, refusing (ValueError) a folder with no recorded stages
+    without creating it."""
+    fs, path = _fs(root)
+    if not fs.exists(f"{path.rstrip('/')}/{LEDGER}"):
+        raise ValueError(f"--rerun: {root} has no recorded stages yet; a first run computes every stage anyway")
+    return Run(root).request_rerun(names)
+
+
 def fs_size(uri: str) -> int:
     fs, path = _fs(uri)
     try:
@@ -204,4 +249,5 @@ def fs_size(uri: str) -> int:
         return 0
 
 
-__all__ = ["Run", "StageRecord", "code_version", "config_dict", "output_digest", "read_record", "fs_size"]
+__all__ = ["Run", "StageRecord", "code_version", "config_dict", "fs_size", "output_digest", "read_record",
+           "request_reruns"]

@@ -49,6 +49,23 @@ def pasm_config(overrides: Mapping[str, Any], teacher_cfg: Any, attack_cfg: Any)
     return replace(cfg, train=teacher_cfg, attack=attack_cfg).validate()
 
 
+def round_attack_config(attack_cfg: Any, r: int):
+    """Round r's attack: its own seed (round 1 keeps the run's), so rounds do not replay one search."""
+    return replace(attack_cfg, seed=attack_cfg.seed + r - 1)
+
+
+def baseline_config(teacher_cfg: Any, seed: int, random_erasing: float = 0.0):
+    from tasks.pasm import baseline_train_config
+
+    return baseline_train_config(teacher_cfg, seed, random_erasing)
+
+
+def cam_config(splits: Sequence[str]):
+    from tasks.cam import CamConfig
+
+    return CamConfig(splits=tuple(splits))
+
+
 def erase_config(pasm_cfg: Any, *, random_position: bool, seed: int):
     from tasks.pasm import erase_config_for
 
@@ -72,6 +89,18 @@ def mine_config(overrides: Mapping[str, Any]):
     from tasks.mine import MineConfig
 
     return build_dataclass(MineConfig, dict(overrides), "mine")
+
+
+def run_mine_config(cfg: Any):
+    """The run's mining settings. Without a pool of its own, the labeled source's "pool" split is mined
+    (never its train or test rows) unless ``mine.splits`` names others."""
+    return mine_config(cfg.mine if cfg.pool is not None else {"splits": ["pool"], **cfg.mine})
+
+
+def run_distill_config(cfg: Any, retrain_cfg: Any):
+    """DAS are distilled for the network and input size they are retrained with, unless the run's
+    ``distill`` section names others: images learned for another network teach this one little."""
+    return distill_config({"arch": retrain_cfg.arch, "image_size": retrain_cfg.input_size, **cfg.distill}, cfg.seed)
 
 
 def distill_config(overrides: Mapping[str, Any], seed: int):
@@ -112,18 +141,19 @@ def resolve_configs(cfg: Any, check_paths: bool = True) -> dict[str, Any]:
         if src.align:
             align_config({**cfg.align, **src.align}, f"{where}.align")
     teacher = train_config(cfg.teacher, cfg.seed, "teacher")
+    retrain = train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain")
     attack = attack_config(cfg.attack, cfg.seed)
     if cfg.pipeline == "evaluate" and not cfg.model:
         raise ConfigError("pipeline 'evaluate' needs `model`: a checkpoint folder (--set model=PATH)")
     return {
         "align": align_config(cfg.align),
         "teacher": teacher,
-        "retrain": train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain"),
+        "retrain": retrain,
         "attack": attack,
         "pasm": pasm_config(cfg.pasm, teacher, attack),
         "centroids": centroid_config({}),
-        "mine": mine_config(cfg.mine),
-        "distill": distill_config(cfg.distill, cfg.seed),
+        "mine": run_mine_config(cfg),
+        "distill": run_distill_config(cfg, retrain),
     }
 
 
@@ -246,13 +276,17 @@ def evaluate(checkpoint_uri: str, sets: Mapping[str, tuple[str, tuple[str, ...] 
     def fn(out: str) -> None:
         from tasks.evaluate import evaluate as run_eval
         from tasks.evaluate import save_confusion_png
+        from tasks.figures import draw_safely
 
         metrics: dict[str, Any] = {}
+        results = {}
         for name, (uri, splits) in sets.items():
-            res = run_eval(checkpoint_uri, uri, splits=splits)
+            res = results[name] = run_eval(checkpoint_uri, uri, splits=splits)
             metrics[name] = res.to_dict()
-            save_confusion_png(res, join(out, f"confusion-{name}.png"), title=name)
         write_json(out, "metrics.json", metrics)
+        for name in sets:  # figures after the metrics: a figure error never loses them
+            draw_safely(f"confusion {name}", save_confusion_png, results[name], join(out, f"confusion-{name}.png"),
+                        title=name)
 
     return fn
 
@@ -291,11 +325,22 @@ def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, tea
     return fn
 
 
+def cam(cfg: Any, teacher_uri: str, table_uri: str) -> StageFn:
+    def fn(out: str) -> None:
+        from tasks.cam import cam_table
+
+        if not _committed(out):
+            cam_table(teacher_uri, table_uri, out, cfg)
+
+    return fn
+
+
 def pasm_figure(rows: list[dict[str, str]], images_uri: str) -> StageFn:
     def fn(out: str) -> None:
+        from tasks.figures import draw_safely
         from tasks.pasm_figure import pasm_figure as draw
 
-        draw(images_uri, [r["erased"] for r in rows], join(out, "pasm-rounds.png"))
+        draw_safely("PASM rounds", draw, images_uri, [r["erased"] for r in rows], join(out, "pasm-rounds.png"))
 
     return fn
 
@@ -309,19 +354,24 @@ def centroids(cfg: Any, model_uri: str, labeled_uri: str) -> StageFn:
     return fn
 
 
-def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_section: RaySection) -> StageFn:
+def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_section: RaySection,
+         tests: Mapping[str, tuple[str, tuple[str, ...] | None]]) -> StageFn:
+    """Mine the pool; refused before any work when its mined rows share ids with a test set."""
     def fn(out: str) -> None:
+        from tasks.figures import draw_safely
+        from tasks.mine import check_disjoint
         from tasks.mined_figure import mined_grid
         from workers.mine import mine_pool
 
         from storage.artifact import Artifact
 
+        check_disjoint(pool_uri, cfg.splits, dict(tests))
         _ray(ray_section)
         mine_pool(model_uri, centroids_uri, pool_uri, out, cfg, workers=ray_section.workers,
                   cpus_per_worker=ray_section.cpus_per_worker,
                   gpus_per_worker=ray_section.gpus_per_worker or None,
                   on_shard=shard_logger("mine", Artifact(pool_uri).num_shards))
-        mined_grid(out, join(out, "mined-samples.png"))
+        draw_safely("mined samples", mined_grid, out, join(out, "mined-samples.png"))
 
     return fn
 

@@ -20,6 +20,10 @@ It is built to be *learnable but not trivial*, so the methods have room to show 
   (shapes, textures, featureless head blobs), with their hidden truth in :func:`sample_truth`.
 * A second rendering ``style="b"`` (palette, lighting, outlines, background) gives a shifted
   domain, source ``synthetic-b``, for cross-data-set evaluation.
+* Challenge test splits modelled on PASM's Table III (Occlusion-RAF-DB, Pose-RAF-DB with head pose
+  above 30 and 45 degrees): ``test_occlusion`` (every face occluded), ``test_pose30`` and
+  ``test_pose45`` (in-plane pose beyond the threshold). They are off by default; see
+  :data:`CHALLENGE_SPLITS` and :data:`POSE_TEST_DEG`.
 
 Everything is deterministic: each sample has its own RNG derived from (seed, style, split, index),
 so any subset can be rendered independently (:func:`render_sample`) and ``generate(cfg)`` always
@@ -40,9 +44,21 @@ from storage.images import encode
 from storage.label_noise import NOISE_KINDS, corrupt_labels
 from storage.schema import CLASS_INDEX, CLASSES, NUM_CLASSES
 
-SPLITS: tuple[str, ...] = ("train", "val", "test", "pool")
+# The challenge splits come last, so turning them on never moves a row of the other splits.
+CHALLENGE_SPLITS: tuple[str, ...] = ("test_occlusion", "test_pose30", "test_pose45")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "pool") + CHALLENGE_SPLITS
 STYLES: tuple[str, ...] = ("a", "b")
-_SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "pool": 4}
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "pool": 4, "test_occlusion": 5, "test_pose30": 6, "test_pose45": 7}
+# Pose splits: |in-plane angle| uniform in [lo, hi] degrees, random sign. The pose is the canvas's
+# in-plane similarity transform (roll), the only pose these 2-D faces have; RAF-DB's pose subsets are
+# mostly yaw/pitch, which a flat drawing cannot show. Ranges 30 degrees wide above each threshold,
+# so pose30 also holds faces beyond 45 (as Pose-RAF-DB's >30 subset holds its >45 one). The training
+# pose (normal, sd pose_deg, clipped at 2.2 sd: 15.4 degrees at the default 7) never reaches them:
+# these splits measure extrapolation to unseen poses, a harder shift than RAF-DB's rare-but-seen ones.
+POSE_TEST_DEG: dict[str, tuple[float, float]] = {"test_pose30": (30.0, 60.0), "test_pose45": (45.0, 75.0)}
+_PER_CLASS = {"train": "train_per_class", "val": "val_per_class", "test": "test_per_class",
+              "test_occlusion": "occlusion_test_per_class", "test_pose30": "pose_test_per_class",
+              "test_pose45": "pose_test_per_class"}
 _STYLE_CODE = {"a": 0, "b": 1}
 
 
@@ -60,6 +76,15 @@ class SyntheticConfig:
     shared_identities: draw every split from the same people instead.
     train_per_class / val_per_class / test_per_class: images per class in each labeled split
         (0 leaves the split out).
+    occlusion_test_per_class: images per class in ``test_occlusion`` (0, the default, leaves it out):
+        a test split of the same distribution in which every face carries an occluder (a bar over
+        the eyes, a mask over the mouth, a vertical bar or a blob over the face), as Occlusion-RAF-DB.
+    pose_test_per_class: images per class in each of ``test_pose30`` and ``test_pose45`` (0, the
+        default, leaves them out): the same distribution with the in-plane pose angle's magnitude
+        uniform in POSE_TEST_DEG (30-60 and 45-75 degrees), random sign, as Pose-RAF-DB (>30, >45).
+        The challenge splits have their own people (unless ``shared_identities``), clean labels,
+        landmarks and valence/arousal like ``test``; occlusion in the pose splits and pose in the
+        occlusion split follow ``occlusion_prob`` and ``pose_deg`` as in ``test``.
     pool_size: images in the unlabeled ``pool`` split (label null), 0 leaves it out.
     pool_expressive / pool_neutral / pool_distractor: the pool mix; fractions, normalised to sum 1.
         Expressive faces are drawn uniformly from the six non-neutral classes.
@@ -68,7 +93,8 @@ class SyntheticConfig:
     noise_kind: "symmetric" (flip to one of the other six classes uniformly) or "asymmetric"
         (fear and surprise relabeled to each other; other classes untouched), as in the
         Progressive Teacher paper.
-    noisy_splits: splits that get label noise (training labels by default; tests stay clean).
+    noisy_splits: splits that get label noise (training labels by default; tests stay clean). The
+        challenge splits are always clean.
     style: "a" (default domain) or "b" (shifted palette, lighting and rendering) for
         cross-data-set evaluation.
     source: the ``source`` column; empty means "synthetic" for style a, "synthetic-<style>" otherwise.
@@ -102,6 +128,8 @@ class SyntheticConfig:
     pose_deg: float = 7.0
     noise_std: float = 6.0
     fmt: str = ".png"
+    occlusion_test_per_class: int = 0
+    pose_test_per_class: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,7 +137,8 @@ class SyntheticConfig:
             problems.append(f"size={self.size} must be between 16 and 1024 pixels")
         if self.n_identities < 1:
             problems.append(f"n_identities={self.n_identities} must be >= 1")
-        for name in ("train_per_class", "val_per_class", "test_per_class", "pool_size"):
+        for name in ("train_per_class", "val_per_class", "test_per_class", "pool_size",
+                     "occlusion_test_per_class", "pose_test_per_class"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         mix = (self.pool_expressive, self.pool_neutral, self.pool_distractor)
@@ -122,6 +151,10 @@ class SyntheticConfig:
         bad = [s for s in self.noisy_splits if s not in SPLITS]
         if bad:
             problems.append(f"noisy_splits {bad} are not splits; choose from {', '.join(SPLITS)}")
+        clean_only = [s for s in self.noisy_splits if s in CHALLENGE_SPLITS]
+        if clean_only:
+            problems.append(f"noisy_splits {clean_only} are challenge test splits, which are always "
+                            "clean-labeled; label noise goes on train, val, test or pool")
         if self.style not in STYLES:
             problems.append(f"style={self.style!r} must be one of {', '.join(STYLES)}")
         if not 0.0 <= self.intensity_min <= self.intensity_max <= 1.5:
@@ -146,7 +179,9 @@ class SyntheticConfig:
         """Number of images in ``split``."""
         if split == "pool":
             return self.pool_size
-        return NUM_CLASSES * int(getattr(self, f"{split}_per_class"))
+        if split not in _PER_CLASS:
+            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        return NUM_CLASSES * int(getattr(self, _PER_CLASS[split]))
 
 
 @dataclass(frozen=True)
@@ -156,6 +191,9 @@ class SampleTruth:
     kind: "face" (expressive, labeled or pool), "neutral" (a pool neutral face) or "distractor" (no face).
     clean_label: the true class index (None for distractors); label: the label written to the table
     (noisy for noisy splits, None in the pool).
+    occluded / pose_deg: whether an occluder was drawn and the in-plane pose angle (degrees, signed).
+    Known for the challenge splits (CHALLENGE_SPLITS), which decide them before drawing; None for
+    train/val/test/pool, whose pose and occlusion are drawn mid-rendering and not replayed here.
     """
 
     id: str
@@ -167,6 +205,8 @@ class SampleTruth:
     identity: int | None
     valence: float | None
     arousal: float | None
+    occluded: bool | None = None
+    pose_deg: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,6 +733,23 @@ def _draw_params(cfg: SyntheticConfig, split: str, index: int, kind: int, label:
     return rng, ident, intensity, intensity * proto + jitter, valence, arousal
 
 
+def _challenge_pose(cfg: SyntheticConfig, split: str, index: int) -> tuple[float, bool] | None:
+    """(pose angle in degrees, occluded) of a challenge-split sample; None for the other splits.
+
+    Drawn from a stream of its own, so the truth knows them without rendering and the sample's main
+    RNG consumes the same values as in ``test`` (whose angle and occlusion draws are then discarded).
+    """
+    if split not in CHALLENGE_SPLITS:
+        return None
+    rng = np.random.default_rng([cfg.seed, 2718281, _STYLE_CODE[cfg.style], _SPLIT_CODE[split], index])
+    if split == "test_occlusion":
+        angle = float(np.clip(rng.normal(0, cfg.pose_deg), -2.2 * cfg.pose_deg, 2.2 * cfg.pose_deg))
+        return angle, True
+    lo, hi = POSE_TEST_DEG[split]
+    angle = float(rng.uniform(lo, hi)) * (1.0 if rng.random() < 0.5 else -1.0)
+    return angle, bool(rng.random() < cfg.occlusion_prob)
+
+
 def render_sample(cfg: SyntheticConfig, split: str, index: int) -> dict[str, Any]:
     """Render one sample as an image-table row (kwargs for storage.schema.image_row)."""
     if split not in SPLITS:
@@ -717,9 +774,15 @@ def _render(cfg: SyntheticConfig, split: str, index: int, kind: int, clean: int,
         cue = cue + np.array(idn.rest)
         _background(img, rng, cfg.style)
         angle = float(np.clip(rng.normal(0, cfg.pose_deg), -2.2 * cfg.pose_deg, 2.2 * cfg.pose_deg))
+        forced = _challenge_pose(cfg, split, index)
+        if forced is not None:
+            angle = forced[0]
         cv = _Canvas(img, angle, rng.uniform(0.9, 1.08), np.clip(rng.normal(0, 0.025, 2), -0.06, 0.06))
         pts = _draw_face(cv, rng, idn, cue, cfg.style)
-        if rng.random() < cfg.occlusion_prob:
+        occluded = rng.random() < cfg.occlusion_prob
+        if forced is not None:
+            occluded = forced[1]
+        if occluded:
             _occlude(cv, rng, idn)
         px = cv.px(pts)
         landmarks = ((px + 0.5) * (cfg.size / u) - 0.5).reshape(-1).tolist()
@@ -738,7 +801,7 @@ def _render(cfg: SyntheticConfig, split: str, index: int, kind: int, clean: int,
 
 
 def generate(cfg: SyntheticConfig = SyntheticConfig(), splits: tuple[str, ...] | None = None) -> Iterator[dict]:
-    """Yield every sample of ``cfg`` (train, val, test, then pool) as image-table rows.
+    """Yield every sample of ``cfg`` (train, val, test, pool, then the challenge splits) as image-table rows.
 
     ``splits`` restricts the output to some splits; the rows are the same as in a full run.
     """
@@ -758,11 +821,14 @@ def sample_truth(cfg: SyntheticConfig) -> dict[str, SampleTruth]:
             k = int(kinds[i])
             _, ident, intensity, _, v, a = _draw_params(cfg, split, i, k, int(clean[i]))
             sid = _sample_id(split, i)
+            forced = _challenge_pose(cfg, split, i)
             out[sid] = SampleTruth(
                 id=sid, split=split, kind=("face", "neutral", "distractor")[k],
                 clean_label=None if k == 2 else int(clean[i]),
                 label=None if split == "pool" else int(given[i]),
                 intensity=intensity, identity=ident, valence=v, arousal=a,
+                occluded=None if forced is None else forced[1],
+                pose_deg=None if forced is None else forced[0],
             )
     return out
 
@@ -815,5 +881,6 @@ def _coerce(v: Any, ref: Any) -> Any:
     return str(v)
 
 
-__all__ = ["CUES", "PROTOTYPES", "SPLITS", "STYLES", "VA_PROTOTYPES", "SampleTruth", "SyntheticConfig",
-           "clean_labels", "config_from_options", "generate", "render_sample", "sample_truth"]
+__all__ = ["CHALLENGE_SPLITS", "CUES", "POSE_TEST_DEG", "PROTOTYPES", "SPLITS", "STYLES", "VA_PROTOTYPES",
+           "SampleTruth", "SyntheticConfig", "clean_labels", "config_from_options", "generate", "render_sample",
+           "sample_truth"]

@@ -35,7 +35,7 @@ from torch import nn
 from storage.images import ImageDecodeError
 from tasks.data import MEAN, STD, decode_resized, normalize
 from tasks.erase import side_pixels
-from tasks.train import resolve_device
+from tasks.device import resolve_device
 
 PROBES = ("pixel", "patch")
 INITS = ("lhs", "uniform", "saliency")

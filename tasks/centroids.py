@@ -23,7 +23,7 @@ import torch
 
 from storage.artifact import Artifact, ArtifactWriter, Manifest, identity, is_finished
 from storage.schema import CLASSES
-from tasks.train import resolve_device
+from tasks.device import resolve_device
 
 STAGE = "centroids"
 CODE_VERSION = "centroids-1"

@@ -20,6 +20,10 @@ from storage.images import decode
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+# torchvision's ImageNet weights were trained on inputs normalised with these: fine-tuning them on
+# other statistics shifts every first-layer response.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -213,7 +213,7 @@ def _learn_distilled(
     cfg: DistillConfig,
     progress: Callable[[dict[str, float]], None] | None,
 ) -> Distilled:
-    from tasks.centroids import resolve_device
+    from tasks.device import resolve_device
     from tasks.data import normalize
 
     device = resolve_device(cfg.device)
@@ -422,9 +422,10 @@ def distill(
     paper's Fig. 4). The learned step size(s) and, unless ``holdout`` is 0, the held-out accuracy of
     nets trained from random inits on the distilled images vs on random real images go to the
     manifest's ``extra``."""
-    from tasks.centroids import resolve_device, reuse_or_refuse
+    from tasks.centroids import reuse_or_refuse
+    from tasks.device import resolve_device
     from tasks.data import normalize
-    from tasks.figures import image_grid
+    from tasks.figures import draw_safely, image_grid
 
     config = asdict(cfg)
     inputs = {"table": Artifact(table_uri).digest}
@@ -462,7 +463,8 @@ def distill(
     rows = [image_row(f"distilled-{names[int(lab)]}-{j % cfg.images_per_class}", encode(img, ".png"),
                       label=int(lab), split="train", source="distilled")
             for j, (img, lab) in enumerate(zip(images, d.labels.tolist()))]
-    _write_grid(images, d.labels.tolist(), names, cfg.images_per_class, grid_uri, d.step_sizes, image_grid)
+    draw_safely("distilled images", _write_grid, images, d.labels.tolist(), names, cfg.images_per_class, grid_uri,
+                d.step_sizes, image_grid)
     with ArtifactWriter(out_uri, stage=STAGE, config=config, inputs=inputs, schema=IMAGE_SCHEMA) as w:
         w.write_rows(rows)
         m = w.commit(extra={

@@ -11,6 +11,7 @@ student trains at that same size, so nothing is resampled twice.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -211,3 +212,31 @@ def _erase_row(rec: dict, pos: tuple, cfg: EraseConfig) -> dict:
     if lm is not None and (oh != size or ow != size):
         out["landmarks"] = [v * (size / ow if i % 2 == 0 else size / oh) for i, v in enumerate(lm)]
     return {k: out.get(k) for k in IMAGE_SCHEMA.names}
+
+
+def random_erasing_batch(images: torch.Tensor, generator: torch.Generator, p: float = 0.5,
+                         area: tuple[float, float] = (0.02, 0.4), aspect: float = 0.3,
+                         attempts: int = 10) -> torch.Tensor:
+    """Zhong et al.'s random erasing (RE-R), online: a copy of uint8 NCHW ``images``.
+
+    Each image, with probability ``p``, gets one rectangle of random area (a fraction in ``area`` of the
+    image) and aspect ratio (log-uniform in [aspect, 1 / aspect], as torchvision's RandomErasing) at a
+    random position, filled with random values 0..255. Every draw comes from ``generator`` (CPU), so a
+    trainer that seeds it per epoch replays the same erasing on resume.
+    """
+    n, c, h, w = images.shape
+    out = images.clone()
+    hit = torch.rand(n, generator=generator) < p
+    lo, hi = math.log(aspect), math.log(1.0 / aspect)
+    for i in torch.nonzero(hit).flatten().tolist():
+        for _ in range(attempts):  # Zhong et al.: redraw until the rectangle fits inside the image
+            a = float(torch.empty(()).uniform_(area[0], area[1], generator=generator)) * h * w
+            r = math.exp(float(torch.empty(()).uniform_(lo, hi, generator=generator)))
+            eh, ew = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+            if 0 < eh < h and 0 < ew < w:
+                y0 = int(torch.randint(0, h - eh + 1, (1,), generator=generator))
+                x0 = int(torch.randint(0, w - ew + 1, (1,), generator=generator))
+                fill = torch.randint(0, 256, (c, eh, ew), generator=generator, dtype=torch.uint8)
+                out[i, :, y0:y0 + eh, x0:x0 + ew] = fill.to(out.device)
+                break
+    return out

@@ -153,7 +153,7 @@ def evaluate(checkpoint_uri: str, test_uri: str, splits: Sequence[str] | None = 
     seen (rows read so far, of them labeled in ``splits``, rows in the table, labeled images per second).
     """
     from tasks.checkpoint import load_checkpoint
-    from tasks.train import resolve_device
+    from tasks.device import resolve_device
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint_uri, device=dev)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -12,6 +13,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tasks.checkpoint import atomic_write_bytes
+
+log = logging.getLogger("fermine.figures")
+
+
+def draw_safely(what: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> Any | None:
+    """Call ``draw``; log (do not raise) what went wrong. A figure never fails the stage that computed the data."""
+    try:
+        return draw(*args, **kwargs)
+    except Exception as e:  # any drawing error: the stage's data is what matters
+        log.warning("figure %r not drawn: %s: %s", what, type(e).__name__, e)
+        return None
 
 
 def _to_hwc(img: np.ndarray) -> np.ndarray:
@@ -35,7 +47,8 @@ def image_grid(
 ) -> str:
     """Save a grid of images (HWC/CHW uint8, or float in [0, 1]) as a PNG at ``path`` (local or any
     fsspec URI, written atomically); returns ``path``."""
-    nrows = max(1, len(rows))
+    rows = list(rows) or [[np.full((8, 8, 3), 255, np.uint8)]]  # no rows at all: one blank cell
+    nrows = len(rows)
     ncols = max(1, max((len(r) for r in rows), default=1))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_size, nrows * cell_size + 0.4), squeeze=False)
     for i in range(nrows):
@@ -48,7 +61,7 @@ def image_grid(
             if i < len(rows) and j < len(rows[i]):
                 img = _to_hwc(rows[i][j])
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-                if cell_titles is not None and j < len(cell_titles[i]):
+                if cell_titles is not None and i < len(cell_titles) and j < len(cell_titles[i]):
                     ax.set_title(cell_titles[i][j], fontsize=7)
             if j == 0 and row_titles is not None and i < len(row_titles):
                 ax.set_ylabel(row_titles[i], fontsize=8)

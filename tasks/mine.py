@@ -18,6 +18,7 @@ Nothing proportional to the pool is ever held: one input shard in, the kept rows
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,7 +52,9 @@ class MineConfig:
     #   Not in the paper: features after ReLU + pooling share a large common component, so raw cosines
     #   are all ~0.99 and margins tiny (~1e-3) unless the model is well trained; centring spreads them.
     batch_size: int = 256  # images per forward pass (per actor)
-    splits: tuple[str, ...] | None = None  # pool rows to mine; None = every row (e.g. ("pool",))
+    # Pool rows to mine, by split. None = every split except evaluation ones (test*, val*): a test image
+    # mined into the auxiliary set would be trained on and then scored as unseen. Naming a split mines it.
+    splits: tuple[str, ...] | None = None
     input_size: int | None = None  # None: the checkpoint's input size
     device: str = "auto"  # "auto": the actor's GPU when it has one, else cpu
     amp: bool = True  # fp16 autocast on GPU (features are compared by cosine: fp16 is ample)
@@ -68,6 +71,43 @@ class MineConfig:
             raise ValueError(f"margin is a difference of cosine similarities, within [-2, 2]; got {self.margin}")
         if self.floor is not None and not -1.0 <= self.floor <= 1.0:
             raise ValueError(f"floor is a cosine similarity, within [-1, 1]; got {self.floor}")
+
+
+EVAL_SPLIT_PREFIXES = ("test", "val")  # test, test_occlusion, val, validation: never mined by default
+
+
+def mined_rows(split: pa.Array | pa.ChunkedArray, splits: Sequence[str] | None) -> pa.Array:
+    """Boolean mask of the rows of a split column that mining takes (MineConfig.splits)."""
+    if splits is not None:
+        return pc.fill_null(pc.is_in(split, value_set=pa.array(list(splits), pa.string())), False)
+    evaluation = functools.reduce(pc.or_, (pc.starts_with(split, p) for p in EVAL_SPLIT_PREFIXES))
+    return pc.invert(pc.fill_null(evaluation, False))
+
+
+def check_disjoint(pool_uri: str, splits: Sequence[str] | None, tests: dict[str, tuple[str, Sequence[str] | None]]
+                   ) -> None:
+    """Refuse a pool whose mined rows share ids with a test set: they would be trained on, then scored.
+
+    ``tests`` maps a test set's name to (table URI, its splits or None for all rows).
+    """
+    from storage.artifact import Artifact
+
+    pool = Artifact(pool_uri)
+    ids: set[str] = set()
+    for b in pool.iter_batches(columns=["id", "split"] if "split" in pool.schema.names else ["id"]):
+        if "split" in b.schema.names:
+            b = b.filter(mined_rows(b.column("split"), splits))
+        ids.update(b.column("id").to_pylist())
+    for name, (uri, test_splits) in tests.items():
+        shared: list[str] = []
+        for b in Artifact(uri).iter_batches(columns=["id", "split"]):
+            if test_splits is not None:
+                b = b.filter(pc.is_in(b.column("split"), value_set=pa.array(list(test_splits), pa.string())))
+            shared += [i for i in b.column("id").to_pylist() if i in ids]
+        if shared:
+            raise ValueError(
+                f"the mining pool {pool_uri} shares {len(shared)} ids with test set {name!r} (e.g. {shared[0]}); "
+                "mined test images would be trained on. Mine other splits (mine.splits) or another pool.")
 
 
 def similarities(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -181,8 +221,8 @@ class MineProcessor:
         return keep.cpu().numpy(), self.labels[idx.cpu()].numpy(), best.cpu().numpy(), gap.cpu().numpy()
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
-        if self.cfg.splits is not None and "split" in table.schema.names:
-            table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(self.cfg.splits))))
+        if "split" in table.schema.names:
+            table = table.filter(mined_rows(table.column("split"), self.cfg.splits))
         images = table.column("image").to_pylist() if table.num_rows else []
         bs = self.cfg.batch_size
         starts = list(range(0, len(images), bs))
@@ -253,7 +293,8 @@ class MineProcessor:
 
 def build_processor(checkpoint_uri: str, centroids_uri: str, cfg: MineConfig) -> MineProcessor:
     """Load the model and centroids (once per actor) and return the per-shard processor."""
-    from tasks.centroids import input_size_of, load_centroids, resolve_device
+    from tasks.centroids import input_size_of, load_centroids
+    from tasks.device import resolve_device
     from tasks.checkpoint import load_checkpoint
 
     if cfg.torch_threads:

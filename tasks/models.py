@@ -225,6 +225,29 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefixes
 
 
+def weights_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the weights at ``path`` were trained with.
+
+    A fermine checkpoint (its folder, or the ``model.pt`` beside its ``model.json``) records them; any
+    other weights file is taken to be torchvision's ImageNet weights (the only pretrained weights a
+    user can bring), trained on ImageNet's statistics.
+    """
+    import json
+
+    import fsspec
+
+    from tasks.data import IMAGENET_MEAN, IMAGENET_STD
+
+    fs, p = fsspec.core.url_to_fs(path)
+    folder = p.rstrip("/") if fs.isdir(p) else p.rsplit("/", 1)[0]
+    meta = f"{folder}/model.json"
+    if fs.exists(meta):
+        m = json.loads(fs.cat_file(meta).decode())
+        if m.get("mean") and m.get("std"):
+            return tuple(m["mean"]), tuple(m["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def _to_fernet_keys(model: FERNet, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(k.startswith(("body.", "head.")) for k in state):
         return dict(state)

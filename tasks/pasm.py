@@ -13,10 +13,18 @@ What the paper leaves open, and the choices here (both switchable):
 * training data: Eq. 4 and Algorithm 1 line 11 use the new samples x'_i only: default
   ``student_data="erased"``; "both" adds the original images.
 
-Ablations (Section IV-D): ``random_erasing`` (a random position, same region size), ``no_teacher``
-(beta = 0: "PASM w/o teacher"), the region size (``erase.size``), beta, rounds. ``compare_random`` also
-trains, each round, a student on randomly erased images with the same teacher and loss, so every round
-reports PASM next to random erasing with only the position choice differing.
+Ablations (Section IV-D): ``random_erasing`` (the rounds erase at random positions, same region
+size), ``no_teacher`` ("PASM w/o teacher": no Eq. 4 MSE term, and the student starts where the teacher
+started, not from its weights), the region size (``erase.size``), beta, rounds. ``compare`` names Table
+VII's conditions, trained by the pipeline (flows/round.py) next to the rounds, each for ONE round,
+WITHOUT teacher guidance and from the teacher's initialisation with the teacher's recipe, so they differ
+from each other only in the region erased:
+
+* ``random_erasing``: Zhong et al.'s online random erasing (per batch, probability ``random_erasing_p``,
+  random area and aspect ratio, random fill: TrainConfig.random_erasing); ``random_erasing_style:
+  square`` erases instead one square of the PASM region size once, offline, at a random position;
+* ``adversarial_erasing``: Wei et al.'s attention erasing, at the Grad-CAM peak (tasks.cam);
+* ``no_teacher``: PASM's erased images (the first round's attack), CE only.
 
 Every step writes its own artifact/checkpoint under ``out_uri`` and is skipped when already finished,
 so a rerun after a crash continues where it stopped.
@@ -36,6 +44,8 @@ from tasks.erase import EraseConfig, erase_table
 from tasks.train import TrainConfig
 
 STUDENT_INITS = ("teacher", "scratch")
+COMPARISONS = ("random_erasing", "adversarial_erasing", "no_teacher")
+RANDOM_ERASING_STYLES = ("online", "square")
 STUDENT_DATA = ("erased", "both")
 CONFIG_FILE = "pasm.json"
 SUMMARY_FILE = "summary.json"
@@ -58,9 +68,11 @@ class PasmConfig:
     student_epochs: int | None = None  # None = train.epochs
     student_init: str = "teacher"  # "teacher": refine the teacher's weights | "scratch": like the first teacher
     student_data: str = "erased"  # "erased": x' only (Eq. 4) | "both": originals + erased
-    random_erasing: bool = False  # ablation: erase at random positions instead of the attacked ones
-    no_teacher: bool = False  # ablation: "PASM w/o teacher" (CE only, beta = 0)
-    compare_random: bool = True  # also train a random-erasing student each round (comparison column)
+    random_erasing: bool = False  # ablation: the rounds erase at random positions instead of the attacked ones
+    no_teacher: bool = False  # ablation: "PASM w/o teacher" (CE only, beta = 0, the teacher's initialisation)
+    compare: tuple[str, ...] = COMPARISONS  # Table VII's conditions trained beside the rounds (see above)
+    random_erasing_style: str = "online"  # "online": Zhong et al. | "square": one offline square, PASM's size
+    random_erasing_p: float = 0.5  # Zhong et al.'s erasing probability (online style)
     test_splits: tuple[str, ...] = ("test",)
     figure_samples: int = 8
 
@@ -73,6 +85,14 @@ class PasmConfig:
             raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {self.student_init!r}")
         if self.student_data not in STUDENT_DATA:
             raise ValueError(f"student_data must be one of {STUDENT_DATA}, got {self.student_data!r}")
+        bad = sorted(set(self.compare) - set(COMPARISONS))
+        if bad:
+            raise ValueError(f"compare: unknown condition(s) {bad}; choose from {list(COMPARISONS)}")
+        if self.random_erasing_style not in RANDOM_ERASING_STYLES:
+            raise ValueError(f"random_erasing_style must be one of {RANDOM_ERASING_STYLES}, "
+                             f"got {self.random_erasing_style!r}")
+        if not 0 < self.random_erasing_p <= 1:
+            raise ValueError(f"random_erasing_p is a probability in (0, 1], got {self.random_erasing_p}")
         if self.student_epochs is not None and self.student_epochs < 1:
             raise ValueError("student_epochs must be >= 1")
         self.attack.validate()
@@ -89,9 +109,9 @@ class PasmConfig:
         return not self.no_teacher and self.beta > 0
 
     @property
-    def random_erasing_ablation(self) -> bool:
-        """Whether a random-erasing student is trained for comparison (flows/round.py reads this name)."""
-        return self.compare_random and not self.random_erasing
+    def student_from_teacher(self) -> bool:
+        """Whether a round's student starts from its teacher's weights ("refine", Algorithm 1)."""
+        return self.student_init == "teacher" and not self.no_teacher
 
 
 @dataclass
@@ -103,9 +123,6 @@ class RoundResult:
     positions_uri: str | None
     accuracy: float
     mean_class_accuracy: float
-    random_student_uri: str | None = None
-    random_accuracy: float | None = None
-    random_mean_class_accuracy: float | None = None
     attack: dict[str, Any] = field(default_factory=dict)  # mean fitness, clean prob, evals, rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,9 +200,21 @@ def attack_summary(positions_uri: str) -> dict[str, Any]:
 
 
 def student_train_config(teacher_cfg: TrainConfig, cfg: PasmConfig, seed: int | None = None) -> TrainConfig:
-    """The student's recipe: the teacher's, with Eq. 4's alpha/beta (beta = 0 without teacher) and student epochs."""
+    """The student's recipe: the teacher's, with Eq. 4's alpha/beta and the student epochs.
+
+    Without teacher (``no_teacher``) the student is trained like the teacher was (its epochs, CE only):
+    it starts from the teacher's initialisation, so refining epochs would leave it undertrained.
+    """
+    seed = teacher_cfg.seed if seed is None else seed
+    if cfg.no_teacher:
+        return baseline_train_config(teacher_cfg, seed)
     return replace(teacher_cfg, alpha=cfg.alpha, beta=cfg.beta if cfg.uses_teacher else 0.0,
-                   epochs=cfg.student_epochs or teacher_cfg.epochs, seed=teacher_cfg.seed if seed is None else seed)
+                   epochs=cfg.student_epochs or teacher_cfg.epochs, seed=seed)
+
+
+def baseline_train_config(teacher_cfg: TrainConfig, seed: int, random_erasing: float = 0.0) -> TrainConfig:
+    """Table VII's recipe: the teacher's own (init, epochs, schedule), CE only, optionally online random erasing."""
+    return replace(teacher_cfg, alpha=1.0, beta=0.0, seed=seed, random_erasing=random_erasing)
 
 
 def erase_config_for(cfg: PasmConfig, *, random_position: bool, seed: int, image_size: int | None = None
@@ -215,7 +244,7 @@ def train_student(train_cfg: TrainConfig, cfg: PasmConfig, erased_uri: str, imag
 
     cfg = cfg.validate()
     teacher = load_checkpoint(teacher_uri)[0] if cfg.uses_teacher and train_cfg.beta > 0 else None
-    init_from = teacher_uri if cfg.student_init == "teacher" else None
+    init_from = teacher_uri if cfg.student_from_teacher else None
     data = [erased_uri] + ([images_uri] if cfg.student_data == "both" else [])
     return train(train_cfg, data, out_uri, teacher=teacher, init_from=init_from, progress=progress).checkpoint_uri
 
@@ -256,16 +285,6 @@ def pasm_round(cfg: PasmConfig, table_uri: str, teacher_uri: str, round_dir: str
     ev = _evaluate(student, test_uri, cfg.test_splits, join(round_dir, "student_eval.json"))
     res = RoundResult(rnd, teacher_uri, student, erased, positions, ev["accuracy"], ev["mean_class_accuracy"],
                       attack=attack_info)
-    if cfg.compare_random and not cfg.random_erasing:
-        rerased = join(round_dir, "random_erased")
-        if not is_finished(rerased):
-            _emit(progress, event="erase", what="random", round=rnd, uri=rerased)
-            erase_table(table_uri, None, rerased, _random_erase_cfg(cfg, rnd))
-        rstudent = _train_student(cfg, rerased, table_uri, join(round_dir, "random_student"), teacher_uri, rnd,
-                                  "random", progress)
-        rev = _evaluate(rstudent, test_uri, cfg.test_splits, join(round_dir, "random_eval.json"))
-        res.random_student_uri = rstudent
-        res.random_accuracy, res.random_mean_class_accuracy = rev["accuracy"], rev["mean_class_accuracy"]
     _write_json(join(round_dir, "round.json"), res.to_dict())
     _emit(progress, event="round", round=rnd, result=res.to_dict())
     return res
@@ -299,7 +318,7 @@ def run_pasm(cfg: PasmConfig, table_uri: str, out_uri: str, *, test_uri: str | N
     the Ray stage, workers.attack.run_attack).
 
     Layout: ``<out>/pasm.json`` (settings), ``teacher/``, ``round-<r>/{positions, erased, student,
-    random_erased, random_student, round.json}``, ``erased_samples.png`` (Fig. 3), ``summary.json``.
+    round.json}``, ``erased_samples.png`` (Fig. 3), ``summary.json``.
     """
     from tasks.train import train
 

@@ -203,7 +203,7 @@ def predict_photos(
     from tasks.data import MEAN, STD, normalize
 
     photos = find_photos(paths)
-    from tasks.train import resolve_device
+    from tasks.device import resolve_device
 
     device = resolve_device(cfg.device)
     model, meta = load_checkpoint(checkpoint_uri, device=device)

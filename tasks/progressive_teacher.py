@@ -599,7 +599,7 @@ def train_pt(
     the choice. A run interrupted between epochs resumes from ``last.pt`` with identical results.
     """
     from tasks.evaluate import evaluate_images
-    from tasks.train import resolve_device
+    from tasks.device import resolve_device
 
     device = resolve_device(cfg.device)
     out_uri = out_uri.rstrip("/")

@@ -41,9 +41,13 @@ from tasks.checkpoint import (
     save_training_state,
 )
 from tasks.data import MEAN, STD, batch_to_imageset, normalize
+from tasks.device import resolve_device
+from tasks.erase import random_erasing_batch
 from tasks.models import FERNet, build_model, load_pretrained
 
-__all__ = ["TrainConfig", "TrainResult", "resolve_device", "train", "training_loss"]
+__all__ = ["TrainConfig", "TrainResult", "train", "training_loss"]
+
+NORMALIZATIONS = ("auto", "imagenet", "half")
 
 # Config fields that do not change what is computed: they may differ between a run and its resume.
 _RUNTIME_FIELDS = {"epochs", "device", "num_workers", "memory_limit_mb", "eval_batch_size", "log_every"}
@@ -64,6 +68,14 @@ class TrainConfig:
     lr_step: int = 10  # StepLR: lr *= lr_gamma every lr_step epochs
     lr_gamma: float = 0.1
     hflip: bool = True  # random horizontal flip, p = 0.5 per image
+    # Zhong et al.'s random erasing, online (per image, per batch): probability (0 = off), area range as a
+    # fraction of the image, smallest aspect ratio (log-uniform in [aspect, 1/aspect]); random fill.
+    random_erasing: float = 0.0
+    random_erasing_area: tuple[float, float] = (0.02, 0.4)
+    random_erasing_aspect: float = 0.3
+    # Input normalisation: "auto" = what the starting weights were trained with (a fermine checkpoint's
+    # mean/std, ImageNet's for torchvision weights), else 0.5/0.5; "imagenet" or "half" to force one.
+    normalization: str = "auto"
     class_balanced: bool = False  # CE weights n / (k * n_c) over the k classes present
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
@@ -92,6 +104,11 @@ class TrainConfig:
             (self.data in ("auto", "memory", "stream"), "data must be 'auto', 'memory' or 'stream'"),
             (len(self.train_splits) > 0, "train_splits must name at least one split"),
             (self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
+            (0 <= self.random_erasing <= 1, "random_erasing is a probability in [0, 1]"),
+            (0 < self.random_erasing_area[0] <= self.random_erasing_area[1] < 1,
+             "random_erasing_area must be (low, high) with 0 < low <= high < 1"),
+            (0 < self.random_erasing_aspect <= 1, "random_erasing_aspect must be in (0, 1]"),
+            (self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -99,17 +116,28 @@ class TrainConfig:
         # Splits given as a list (YAML, CLI) are kept hashable and comparable.
         object.__setattr__(self, "train_splits", tuple(self.train_splits))
         object.__setattr__(self, "val_splits", tuple(self.val_splits))
+        object.__setattr__(self, "random_erasing_area", tuple(self.random_erasing_area))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["train_splits"] = list(self.train_splits)
-        d["val_splits"] = list(self.val_splits)
-        return d
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k.endswith("_splits") else v) for k, v in d.items() if k in names})
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+    def normalization_for(self, init_from: str | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of this run's inputs; ``init_from`` is the checkpoint the weights start from."""
+        from tasks.data import IMAGENET_MEAN, IMAGENET_STD
+
+        if self.normalization == "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        start = init_from or self.pretrained
+        if self.normalization == "half" or not start:
+            return MEAN, STD
+        from tasks.models import weights_normalization
+
+        return weights_normalization(start)
 
 
 @dataclass
@@ -117,15 +145,6 @@ class TrainResult:
     checkpoint_uri: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-    return dev
 
 
 def training_loss(
@@ -487,6 +506,7 @@ def train(
             return TrainResult(out_uri, metrics["final"], metrics["history"])
 
     torch.manual_seed(cfg.seed)
+    mean, std = cfg.normalization_for(init_from)
     model = build_model(cfg.arch, cfg.num_classes)
     init_report = None
     if saved is None:
@@ -563,9 +583,12 @@ def train(
                 if cfg.hflip:
                     flip = (torch.rand(n, generator=flip_gen) < 0.5).to(device).view(-1, 1, 1, 1)
                     images = torch.where(flip, images.flip(3), images)
+                if cfg.random_erasing > 0:
+                    images = random_erasing_batch(images, tf_gen, cfg.random_erasing, cfg.random_erasing_area,
+                                                  cfg.random_erasing_aspect)
                 if batch_transform is not None:
                     images = batch_transform(images, labels, tf_gen)
-                x = normalize(images, MEAN, STD)
+                x = normalize(images, mean, std)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -603,7 +626,7 @@ def train(
                                    "seconds": seconds, "samples": seen}
             if val is not None:
                 ev = evaluate_images(model, val[0], val[1], cfg.num_classes, device=device,
-                                     batch_size=cfg.eval_batch_size, amp=use_amp)
+                                     batch_size=cfg.eval_batch_size, amp=use_amp, mean=mean, std=std)
                 rec.update({"val_loss": ev.loss, "val_accuracy": ev.accuracy,
                             "val_mean_class_accuracy": ev.mean_class_accuracy})
             history.append(rec)
@@ -632,24 +655,28 @@ def train(
     })
     if val is not None:
         ev = evaluate_images(model, val[0], val[1], cfg.num_classes, device=device,
-                             batch_size=cfg.eval_batch_size, amp=use_amp)
+                             batch_size=cfg.eval_batch_size, amp=use_amp, mean=mean, std=std)
         final["val"] = ev.to_dict()
+        from tasks.figures import draw_safely
         from tasks.plots import plot_confusion
 
         classes = _class_names(cfg.num_classes)
-        plot_confusion(ev.confusion, classes, f"{out_uri.rstrip('/')}/val_confusion.png",
-                       title=f"validation ({', '.join(cfg.val_splits)}) acc {ev.accuracy:.3f}")
+        draw_safely("validation confusion", plot_confusion, ev.confusion, classes,
+                    f"{out_uri.rstrip('/')}/val_confusion.png",
+                    title=f"validation ({', '.join(cfg.val_splits)}) acc {ev.accuracy:.3f}")
     metrics = {"final": final, "history": history, "config": cfg.to_dict(), "train_uris": uris,
                "resumed_from_epoch": int(saved["epoch"]) if saved is not None else 0,
                "val_uri": val_uri, "teacher": teacher is not None, "init_from": init_from}
     atomic_write_bytes(f"{out_uri.rstrip('/')}/metrics.json", dumps_json(metrics).encode())
+    from tasks.figures import draw_safely
     from tasks.plots import plot_curves
 
-    plot_curves(history, f"{out_uri.rstrip('/')}/curves.png", title=f"{cfg.arch} on {', '.join(uris)}"[:120])
+    draw_safely("training curves", plot_curves, history, f"{out_uri.rstrip('/')}/curves.png",
+                title=f"{cfg.arch} on {', '.join(uris)}"[:120])
     # model.json last: its presence marks a finished run.
     save_checkpoint(out_uri, model, {
-        "classes": _class_names(cfg.num_classes), "input_size": cfg.input_size, "mean": list(MEAN),
-        "std": list(STD), "metrics": final, "config": cfg.to_dict(), "train_uris": uris,
+        "classes": _class_names(cfg.num_classes), "input_size": cfg.input_size, "mean": list(mean),
+        "std": list(std), "metrics": final, "config": cfg.to_dict(), "train_uris": uris,
     })
     return TrainResult(out_uri, final, history)
 

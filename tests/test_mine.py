@@ -393,3 +393,42 @@ def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):
     t0 = time.perf_counter()
     again = run_omni(cfg, lab, lab, out, cross={"synthetic-b": cross})  # everything finished: reused
     assert time.perf_counter() - t0 < 30 and again.rows[1]["inner"] == res.rows[1]["inner"]
+
+
+# ---------------------------------------------------------------- the pool never holds test rows
+
+
+def test_default_pool_rows_leave_evaluation_splits_out():
+    import pyarrow as pa
+
+    from tasks.mine import mined_rows
+
+    split = pa.array(["train", "pool", "test", "test_occlusion", "val", "validation", None, "unlabeled"])
+    assert mined_rows(split, None).to_pylist() == [True, True, False, False, False, False, True, True]
+    assert mined_rows(split, ["pool"]).to_pylist() == [False, True, False, False, False, False, False, False]
+    assert mined_rows(split, ["test"]).to_pylist()[2] is True  # a split the user names is mined
+
+
+def test_processor_skips_test_rows_by_default(rng):
+    from tasks.mine import MineProcessor
+
+    cents = np.eye(3, dtype=np.float32)
+    rows = labeled_rows(1, rng, split="test", prefix="t") + labeled_rows(1, rng, split="pool", prefix="p")
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+    proc = MineProcessor(_MeanColour(), cents, [0, 1, 2], MineConfig(margin=-2.0), input_size=SIZE)
+    kept, _ = proc(table)
+    assert kept.num_rows == 7 and all(i.startswith("p") for i in kept.column("id").to_pylist())
+
+
+def test_mining_refuses_a_pool_that_shares_ids_with_a_test_set(tmp_path, rng):
+    from tasks.mine import check_disjoint
+
+    table = write_table(str(tmp_path / "t"), labeled_rows(1, rng, "test", "x") + labeled_rows(1, rng, "pool", "p"))
+    check_disjoint(table, None, {"inner": (table, ("test",))})  # default splits: no test row is mined
+    with pytest.raises(ValueError, match="shares 7 ids with test set 'inner'"):
+        check_disjoint(table, ("pool", "test"), {"inner": (table, ("test",))})
+    other = write_table(str(tmp_path / "o"), labeled_rows(1, rng, "test", "p"))  # a cross set with pool's ids
+    with pytest.raises(ValueError, match="cross0"):
+        check_disjoint(table, None, {"cross0": (other, None)})

@@ -34,10 +34,19 @@ def _faces(n: int, seed: int) -> list[np.ndarray]:
     return [r.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def grid(name: str, rows: int, cols: int):
+    """A stage body drawing a grid (module level: a rerun builds the same body, with the same code version)."""
+    def fn(out: str) -> None:
+        from tasks.figures import image_grid
+
+        os.makedirs(out, exist_ok=True)
+        image_grid([_faces(cols, rows * 10 + i) for i in range(rows)], f"{out}/{name}")
+    return fn
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from tasks.evaluate import EvalResult
-    from tasks.figures import image_grid
     from tasks.plots import plot_confusion, plot_curves
 
     root = tmp_path_factory.mktemp("runs") / "tiny"
@@ -51,11 +60,6 @@ def run_dir(tmp_path_factory) -> Path:
     def evaluate(out: str) -> None:  # flows.steps.evaluate
         plot_confusion(CONF.T, CLASSES, f"{out}/confusion-inner.png", title="inner")
 
-    def grid(name: str, rows: int, cols: int):
-        def fn(out: str) -> None:
-            os.makedirs(out, exist_ok=True)
-            image_grid([_faces(cols, rows * 10 + i) for i in range(rows)], f"{out}/{name}")
-        return fn
 
     def attack_fails(out: str) -> None:
         raise RuntimeError("actor died: out of GPU memory")
@@ -123,7 +127,8 @@ def test_stages_results_and_config(report):
 
 def test_a_rerun_reuses_and_still_shows_durations(run_dir, tmp_path):
     run = Run(str(run_dir))
-    rec = run.stage("distill", {"images_per_class": 1}, {}, lambda out: pytest.fail("must be reused"))
+    # The same stage body as the fixture's (a stage's identity includes its code); it must not run again.
+    rec = run.stage("distill", {"images_per_class": 1}, {}, grid("distilled.png", 1, 4))
     assert rec.reused
     page = Path(build_report(str(run_dir), str(tmp_path / "r.html"))).read_text()
     row = re.search(r"<tr><td>distill</td><td>reused</td><td class=\"num\">[\d.]+</td>", page)

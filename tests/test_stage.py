@@ -140,7 +140,7 @@ def test_packaged_configs_resolve_and_run_refuses_bad_settings_before_starting(c
 
 
 def test_code_version_follows_the_source_of_the_computations(tmp_path, monkeypatch):
-    import flows.stage as stage_mod
+    import flows.code_version as stage_mod
 
     pkg = tmp_path / "fermine_fake_tasks"
     pkg.mkdir()
@@ -155,5 +155,43 @@ def test_code_version_follows_the_source_of_the_computations(tmp_path, monkeypat
         (pkg / "train.py").write_text("LR = 0.02\n")  # an edited stage body
         stage_mod.code_version.cache_clear()
         assert stage_mod.code_version() != before
+    finally:
+        stage_mod.code_version.cache_clear()
+
+
+def test_stage_code_version_covers_the_modules_the_body_reaches_only(tmp_path, monkeypatch):
+    """Per stage: a body's version follows the modules it imports (transitively), not the others'."""
+    import flows.code_version as stage_mod
+
+    pkg = tmp_path / "fermine_fake_stage_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text("def train():\n    from fermine_fake_stage_pkg import util\n    return util.LR\n")
+    (pkg / "util.py").write_text("LR = 0.01\n")
+    (pkg / "caf.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(stage_mod, "COMPUTING_PACKAGES", ("fermine_fake_stage_pkg",))
+
+    def body(out):
+        from fermine_fake_stage_pkg.train import train  # noqa: F401  (never imported: only read)
+
+    def version():
+        stage_mod.code_version.cache_clear()
+        return stage_mod.code_version(body)
+
+    try:
+        before = version()
+        assert stage_mod.reached_modules(stage_mod.stage_code(body).roots) == [
+            "fermine_fake_stage_pkg", "fermine_fake_stage_pkg.train", "fermine_fake_stage_pkg.util"]
+        (pkg / "caf.py").write_text("X = 1  # a comment\n")  # another stage's module
+        assert version() == before
+        (pkg / "util.py").write_text("LR = 0.02\n")  # imported by what the body imports
+        assert version() != before
+        # A constant imported at the top of the body's module counts as well (its type would not tell).
+        (tmp_path / "fermine_fake_stage_flow.py").write_text(
+            "from fermine_fake_stage_pkg.util import LR\n\n\ndef body(out):\n    return LR\n")
+        import fermine_fake_stage_flow
+
+        assert stage_mod.stage_code(fermine_fake_stage_flow.body).roots == {"fermine_fake_stage_pkg.util"}
     finally:
         stage_mod.code_version.cache_clear()

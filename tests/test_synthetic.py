@@ -283,3 +283,184 @@ def test_small_cnn_learns_it_but_does_not_solve_it():
     print(f"small_cnn: test accuracy {acc:.3f} after {epochs} epochs")  # shown with pytest -s
     # Measured: 0.72 (seeds 1, 2 of the data: 0.72, 0.80); chance is 0.14.
     assert 0.35 < acc < 0.95, f"test accuracy {acc:.3f} after {epochs} epochs"
+
+
+# --------------------------------------------------------------------------------------------
+# Existing outputs are pinned; the challenge splits (PASM Table III: occlusion, pose > 30 / > 45)
+
+
+def _round(x):
+    if x is None:
+        return None
+    return [round(float(v), 6) for v in x] if isinstance(x, list) else round(float(x), 6)
+
+
+def _rows_digest(rows) -> str:
+    """Ids, labels, splits, V/A, landmarks and decoded pixels (not PNG bytes, which an encoder update could
+    change without changing the image) of ``rows``, in order."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for r in rows:
+        meta = [r["id"], r["label"], r["split"], r["source"], _round(r["valence"]), _round(r["arousal"]),
+                _round(r["landmarks"])]
+        h.update(json.dumps(meta).encode())
+        h.update(decode(r["image"]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _truth_digest(cfg) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for t in sample_truth(cfg).values():
+        h.update(json.dumps([t.id, t.split, t.kind, t.clean_label, t.label, _round(t.intensity), t.identity,
+                             _round(t.valence), _round(t.arousal)]).encode())
+    return h.hexdigest()[:16]
+
+
+DEMO = SyntheticConfig(size=48, train_per_class=150, test_per_class=50, pool_size=700)  # flows/configs/demo.yaml
+DEMO_CROSS = SyntheticConfig(size=48, style="b", seed=1, train_per_class=0, test_per_class=30, pool_size=0)
+NOISY = SyntheticConfig(size=32, train_per_class=6, val_per_class=2, test_per_class=3, pool_size=20, label_noise=0.3,
+                        shared_identities=True)
+
+
+def test_existing_outputs_are_pinned():
+    """The demo's published numbers depend on these bytes: digests computed before the challenge splits existed.
+
+    If this fails, an edit changed the images, ids, labels or order of existing configs; new options must
+    default to leaving them as they are.
+    """
+    d = SyntheticConfig()
+    assert _rows_digest(render_sample(DEMO, s, i) for s in ("train", "test", "pool")
+                        for i in range(0, DEMO.count(s), 25)) == "1c8f58fae1110663"
+    assert _rows_digest(render_sample(d, s, i) for s in ("train", "test", "pool")
+                        for i in range(0, d.count(s), 50)) == "5f33171c5a834d86"
+    assert _rows_digest(generate(DEMO_CROSS)) == "36bcf02ba9b608e1"
+    assert _rows_digest(generate(NOISY)) == "6eded1fe37ccb655"
+    # Every id, label, identity and V/A of the full default set, in order (no rendering needed).
+    assert _truth_digest(d) == "0207702462a9a3db"
+    assert _truth_digest(DEMO_CROSS) == "ddd7ed99765b2642"
+    assert _truth_digest(NOISY) == "5f40621b4ec41b83"
+    assert [s for s in ("train", "val", "test", "pool", "test_occlusion", "test_pose30", "test_pose45")
+            if d.count(s)] == ["train", "test", "pool"]  # the challenge splits are off by default
+
+
+CHALLENGE = SyntheticConfig(size=48, train_per_class=2, test_per_class=2, pool_size=5, occlusion_test_per_class=6,
+                            pose_test_per_class=6)
+
+
+def test_challenge_splits_have_balanced_clean_labels_and_their_own_ids_after_the_others():
+    rows = list(generate(CHALLENGE))
+    splits = _by_split(rows)
+    assert list(splits) == ["train", "test", "pool", "test_occlusion", "test_pose30", "test_pose45"]
+    truth = sample_truth(CHALLENGE)
+    for split in ("test_occlusion", "test_pose30", "test_pose45"):
+        rs = splits[split]
+        assert CHALLENGE.count(split) == len(rs) == 6 * NUM_CLASSES
+        assert [r["id"] for r in rs] == [f"synthetic/{split}/{i:06d}" for i in range(6 * NUM_CLASSES)]
+        assert Counter(r["label"] for r in rs) == {k: 6 for k in range(NUM_CLASSES)}
+        assert all(truth[r["id"]].clean_label == r["label"] for r in rs)  # clean labels
+        for r in rs:  # filled like test: landmarks, valence/arousal, a valid row
+            image_row(**r)
+            assert len(r["landmarks"]) == 10 and -1 <= r["valence"] <= 1 and -1 <= r["arousal"] <= 1
+            assert decode(r["image"]).shape == (48, 48, 3)
+            t = truth[r["id"]]
+            assert (t.valence, t.arousal) == pytest.approx((r["valence"], r["arousal"]))
+    # Turning the challenge splits on leaves every other row as it was.
+    base = SyntheticConfig(**{**CHALLENGE.__dict__, "occlusion_test_per_class": 0, "pose_test_per_class": 0})
+    assert [r for r in rows if r["split"] in ("train", "test", "pool")] == list(generate(base))
+    # Only the challenge splits record pose and occlusion (the others draw them mid-rendering).
+    assert all(t.occluded is None and t.pose_deg is None for t in truth.values()
+               if t.split in ("train", "test", "pool"))
+    # Their people are their own (like test's), unless shared_identities.
+    from storage.synthetic import _identity
+
+    assert _identity(0, "a", "test_pose30", 3, False) != _identity(0, "a", "test", 3, False)
+    assert _identity(0, "a", "test_pose30", 3, True) == _identity(0, "a", "test", 3, True)
+
+
+def test_challenge_splits_are_deterministic_and_render_alone():
+    a = list(generate(CHALLENGE, splits=("test_occlusion", "test_pose45")))
+    assert a == list(generate(CHALLENGE, splits=("test_occlusion", "test_pose45")))
+    assert render_sample(CHALLENGE, "test_pose45", 5) == next(r for r in a if r["id"] == "synthetic/test_pose45/000005")
+    assert sample_truth(CHALLENGE) == sample_truth(CHALLENGE)
+    other = list(generate(SyntheticConfig(**{**CHALLENGE.__dict__, "seed": 1}), splits=("test_occlusion",)))
+    assert sum(x["image"] == y["image"] for x, y in zip(a, other)) == 0
+
+
+def _eye_line_deg(row) -> float:
+    # Both eye landmarks sit at the same canonical height, so the eye line's angle is the in-plane pose.
+    le, re_ = np.array(row["landmarks"]).reshape(5, 2)[:2]
+    return float(np.degrees(np.arctan2(re_[1] - le[1], re_[0] - le[0])))
+
+
+def test_every_occlusion_face_is_occluded_and_the_truth_matches_the_pixels(monkeypatch):
+    import storage.synthetic as synth
+
+    truth = sample_truth(CHALLENGE)
+    rows = [r for r in generate(CHALLENGE) if r["split"] in synth.CHALLENGE_SPLITS]
+    assert all(truth[r["id"]].occluded is True for r in rows if r["split"] == "test_occlusion")
+    monkeypatch.setattr(synth, "_occlude", lambda cv, rng, idn: None)  # the same samples without occluders
+    changed_occ = []
+    for r in rows:
+        bare = decode(render_sample(CHALLENGE, r["split"], int(r["id"][-6:]))["image"]).astype(int)
+        changed = float((np.abs(decode(r["image"]).astype(int) - bare).max(axis=2) > 24).mean())
+        if truth[r["id"]].occluded:
+            changed_occ.append(changed)
+            assert changed > 0.01, f"{r['id']}: the occluder changed only {changed:.1%} of the pixels"
+        else:
+            assert changed == 0.0, r["id"]  # no occluder drawn where the truth says none
+    assert len(changed_occ) >= 6 * NUM_CLASSES
+    # The occlusion split's pose is test's: normal with sd pose_deg, clipped at 2.2 sd.
+    occ_pose = [truth[r["id"]].pose_deg for r in rows if r["split"] == "test_occlusion"]
+    assert max(abs(p) for p in occ_pose) <= 2.2 * CHALLENGE.pose_deg + 1e-9
+    assert 3 < np.std(occ_pose) < 11
+
+
+def test_pose_splits_are_beyond_their_thresholds():
+    from storage.synthetic import POSE_TEST_DEG
+
+    cfg = SyntheticConfig(size=48, train_per_class=0, test_per_class=0, pool_size=0, pose_test_per_class=20)
+    truth = sample_truth(cfg)
+    rows = list(generate(cfg))
+    for split, (lo, hi) in (("test_pose30", (30, 60)), ("test_pose45", (45, 75))):
+        assert POSE_TEST_DEG[split] == (lo, hi)
+        rs = [r for r in rows if r["split"] == split]
+        pose = np.array([truth[r["id"]].pose_deg for r in rs])
+        assert ((np.abs(pose) > lo) & (np.abs(pose) <= hi)).all(), split
+        assert (pose > 0).sum() > 0.3 * len(pose) and (pose < 0).sum() > 0.3 * len(pose)  # both directions
+        # The faces are drawn at the recorded angle: the eye line of the landmarks says so.
+        np.testing.assert_allclose([_eye_line_deg(r) for r in rs], pose, atol=1e-3)
+        # Occlusion follows occlusion_prob (0.25), as in test.
+        occ = np.mean([truth[r["id"]].occluded for r in rs])
+        assert 0.1 < occ < 0.4, (split, occ)
+    # Default test faces stay within the training pose range (clipped at 2.2 sd = 15.4 degrees).
+    test = [r for r in generate(SyntheticConfig(size=48, train_per_class=0, test_per_class=5, pool_size=0))]
+    assert max(abs(_eye_line_deg(r)) for r in test) <= 2.2 * 7.0 + 1e-3
+
+
+def test_challenge_split_options_are_validated_and_reach_the_reader():
+    from storage.readers import check_options, get_reader
+
+    with pytest.raises(ValueError, match="occlusion_test_per_class=-1 must be >= 0"):
+        SyntheticConfig(occlusion_test_per_class=-1)
+    with pytest.raises(ValueError, match="pose_test_per_class=-2 must be >= 0"):
+        SyntheticConfig(pose_test_per_class=-2)
+    with pytest.raises(ValueError, match="always clean-labeled"):
+        SyntheticConfig(label_noise=0.2, noisy_splits=("train", "test_pose30"))
+    with pytest.raises(ValueError, match="pose_test_per_class='many' is not a valid int"):
+        config_from_options(pose_test_per_class="many")
+    with pytest.raises(ValueError, match="outside"):
+        render_sample(SMALL, "test_occlusion", 0)  # SMALL has none
+    with pytest.raises(ValueError, match="test_pose45"):
+        render_sample(SMALL, "test_pose60", 0)  # the message lists the splits
+    cfg = config_from_options(occlusion_test_per_class="3", pose_test_per_class="2")
+    assert (cfg.count("test_occlusion"), cfg.count("test_pose30"), cfg.count("test_pose45")) == (21, 14, 14)
+    # `fermine ingest synthetic -o pose_test_per_class=...` accepts the new fields and emits the splits.
+    check_options("synthetic", {"occlusion_test_per_class": 1, "pose_test_per_class": 1})
+    rows = list(get_reader("synthetic")("2", size="24", train_per_class=0, test_per_class=1, pool_size=0,
+                                        occlusion_test_per_class=1, pose_test_per_class="2"))
+    assert Counter(r["split"] for r in rows) == {"test": 7, "test_occlusion": 7, "test_pose30": 14, "test_pose45": 14}

@@ -44,10 +44,11 @@ def attack_factory(checkpoint_uri: str, cfg: AttackConfig, threads: int | None =
 
     if threads:
         torch.set_num_threads(int(threads))
+    from tasks.device import resolve_device
+
     # Ray hides GPUs from CPU-only actors, so "auto" means the GPU Ray gave this actor, if any;
     # an explicit device (e.g. --device cpu) is kept.
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    return make_shard_processor(checkpoint_uri, cfg, device)
+    return make_shard_processor(checkpoint_uri, cfg, str(resolve_device(cfg.device)))
 
 
 def attack_artifact(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: AttackConfig = AttackConfig(), *,

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from storage.artifact import Artifact, Manifest, _fs, claim, identity, join, shard_name
 from storage.schema import CLASSES, REJECTS_SCHEMA
 from tasks.centroids import checkpoint_digest
-from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, pool_columns
+from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, mined_rows, pool_columns
 from workers.cluster import RayConfig, connect
 from workers.sharded import default_pool, run_sharded
 
@@ -81,12 +81,12 @@ def _read_parquet(uri: str, name: str, columns: list[str]) -> pa.Table:
 
 
 def _count_rows(pool: Artifact, splits: tuple[str, ...] | None) -> int:
-    if splits is None or "split" not in pool.schema.names:
+    if "split" not in pool.schema.names:
         return len(pool)
     n = 0
     for i in range(pool.num_shards):  # one shard's split column at a time
         col = pool.read_shard(i, ["split"]).column("split")
-        n += pc.sum(pc.is_in(col, value_set=pa.array(list(splits))).cast(pa.int64())).as_py() or 0
+        n += pc.sum(mined_rows(col, splits).cast(pa.int64())).as_py() or 0
     return n
 
 

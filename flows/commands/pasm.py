@@ -148,9 +148,7 @@ def register(app: typer.Typer) -> None:
                                         "side (the paper: 23..39 px at 224)."),
         fill: str = typer.Option("rgb", help="rgb: the attack's perturbed value (the paper) | random | constant."),
         ablation: Optional[List[str]] = typer.Option(None, help="random: random erasing instead of the attack; "
-                                                     "no-teacher: PASM w/o teacher (beta = 0). Repeatable."),
-        compare_random: bool = typer.Option(True, "--compare-random/--no-compare-random",
-                                            help="Also train a random-erasing student each round for the table."),
+                                                     "no-teacher: PASM w/o teacher (no MSE term, student from the teacher's initialisation). Repeatable."),
         teacher: Optional[str] = typer.Option(None, help="Start from this teacher checkpoint instead of training one."),
         test: Optional[str] = typer.Option(None, help="Test table (default: TABLE's test split)."),
         arch: str = typer.Option("small_cnn", help="small_cnn (CPU), resnet18, resnet34, resnet50, vgg16."),
@@ -211,13 +209,11 @@ def register(app: typer.Typer) -> None:
                 attack=acfg, erase=EraseConfig(size=mask_size, fill=fill, seed=seed),
                 student_epochs=student_epochs, student_init=student_init, student_data=student_data,
                 random_erasing="random" in ablations, no_teacher="no-teacher" in ablations,
-                compare_random=compare_random and "random" not in ablations,
             ).validate()
         except ValueError as e:
             raise UserError(str(e)) from e
 
-        per_round = 2 if cfg.compare_random else 1
-        total = (0 if teacher else 1) + cfg.rounds * per_round
+        total = (0 if teacher else 1) + cfg.rounds
         with progress_bar("pasm", total) as bar:
             def on_event(e: dict) -> None:
                 ev = e.get("event")
@@ -231,9 +227,7 @@ def register(app: typer.Typer) -> None:
                     bar.update(0, info=f"round {e['round']}: {what} {ev if what != ev else ''}".strip())
                 elif ev == "round":
                     r = e["result"]
-                    bar.console.print(f"round {r['round']}: test accuracy {r['accuracy']:.4f}"
-                                      + (f", random erasing {r['random_accuracy']:.4f}"
-                                         if r.get("random_accuracy") is not None else ""))
+                    bar.console.print(f"round {r['round']}: test accuracy {r['accuracy']:.4f}")
 
             attack_stage = _attack_stage(local, ray_address, workers)
             try:
@@ -250,15 +244,13 @@ def register(app: typer.Typer) -> None:
         t.add_column("round")
         t.add_column("teacher", justify="right")
         t.add_column(label, justify="right")
-        t.add_column("random erasing", justify="right")
         t.add_column(f"{label} mean class", justify="right")
         t.add_column("p(true) clean -> attacked", justify="right")
-        t.add_row("0 (teacher)", _fmt(res.teacher_accuracy), "", "", _fmt(res.teacher_mean_class_accuracy), "")
+        t.add_row("0 (teacher)", _fmt(res.teacher_accuracy), "", _fmt(res.teacher_mean_class_accuracy), "")
         prev = res.teacher_accuracy
         for r in res.rounds:
             probs = f"{r.attack['mean_clean_prob']:.3f}->{r.attack['mean_fitness']:.3f}" if r.attack.get("rows") else ""
-            t.add_row(str(r.round), _fmt(prev), _fmt(r.accuracy), _fmt(r.random_accuracy),
-                      _fmt(r.mean_class_accuracy), probs)
+            t.add_row(str(r.round), _fmt(prev), _fmt(r.accuracy), _fmt(r.mean_class_accuracy), probs)
             prev = r.accuracy
         con = Console()
         con.print(t)

@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
                 finetune_config(cfg)  # the matched baseline must be expressible before anything runs
             if arch not in available_models():
                 raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
-            from tasks.train import resolve_device
+            from tasks.device import resolve_device
 
             resolve_device(device)
         except (ValueError, RuntimeError) as e:  # torch.device("gpu") is a RuntimeError

@@ -66,10 +66,25 @@ def register(app: typer.Typer) -> None:
     def run(
         config: str = typer.Argument(..., help="experiment config (YAML); see flows/configs/ and `fermine config`"),
         set_: List[str] = typer.Option([], "--set", help="override a setting: --set teacher.epochs=5 (repeatable)"),
+        rerun: List[str] = typer.Option(
+            [], "--rerun", metavar="STAGE",
+            help="recompute STAGE and everything downstream of it, nothing else, though its code did not change "
+                 "(repeatable; a glob such as 'attack-r*' names several; names as `fermine status RUN` lists them)"),
     ) -> None:
         """Run a pipeline from an experiment config; a rerun reuses every finished stage."""
         cfg = _load(config, set_)
         _resolve(cfg)
+        if rerun:
+            # Recorded in the run folder before the flow starts: the named stages get new output folders,
+            # their dependents new inputs, and later plain runs keep reusing the fresh results.
+            from flows.stage import request_reruns
+
+            try:
+                counts = request_reruns(cfg.out, rerun)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            typer.echo("recomputing " + ", ".join(f"{s} (rerun #{n})" for s, n in counts.items())
+                       + " and what depends on it")
         t0 = time.time()
         summary = _run_flow(cfg)
         _print_summary(summary, time.time() - t0)

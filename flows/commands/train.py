@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
         if not is_finished(table):
             raise UserError(f"no finished image table at {table}: check the path, or run the stage that makes it")
         from tasks.evaluate import evaluate, save_confusion_png
-        from tasks.train import resolve_device
+        from tasks.device import resolve_device
 
         try:
             resolve_device(device)

@@ -3,7 +3,9 @@
 ROOT is not a folder here: a whole number is taken as the seed, anything else ("-", ".", "synthetic")
 is ignored. Options are the fields of storage.synthetic.SyntheticConfig (size, train_per_class,
 test_per_class, val_per_class, pool_size, label_noise, noise_kind, style, ...); strings from the
-command line are converted to each field's type.
+command line are converted to each field's type. ``occlusion_test_per_class`` and
+``pose_test_per_class`` add the challenge test splits ``test_occlusion``, ``test_pose30`` and
+``test_pose45`` (PASM Table III), written after the other splits; both default to 0 (none).
 """
 
 from __future__ import annotations

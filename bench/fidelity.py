@@ -1,0 +1,252 @@
+"""Fidelity: each paper's headline comparison on the synthetic data, over seeds, next to the paper's figure.
+
+What runs (every model trained on the same data; seeds change initialisation, batches, attacks):
+
+* PASM + omni: the round pipeline (flows/round.py, the same DAG as `fermine run`), one run folder per
+  seed: teacher, PASM rounds 1-3, Table VII's one-round conditions without teacher (random erasing,
+  adversarial erasing, PASM w/o teacher), VAS and DAS retraining; evaluated on the inner test split,
+  the Table III-like occlusion and pose (> 30, > 45 degrees) splits and a cross-style test set.
+  Distilled vs random real images: the distill stage's own held-out score.
+* Progressive Teacher: bench/pt_compare.py (fine-tune, Mean Teacher, PT) at 0/10/20/30% symmetric noise.
+* CAF: critic-free baseline vs CAF (tasks.caf.compare_caf); feature losses: none vs fixed vs adaptive.
+
+Each comparison reports mean +- std over seeds and the paired (same seed) difference to its reference
+with its standard error; a claim "holds" when the paired difference is above 2 standard errors in the
+paper's direction. Every run folder is kept under --out: a rerun reuses finished stages (resume).
+
+    .venv/bin/python bench/fidelity.py --out runs/fidelity --json fidelity.json          # < 60 min, 2 cores
+    .venv/bin/python bench/fidelity.py --out runs/fidelity-quick --quick                 # < 10 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PASM_MODELS = ("teacher", "pasm-r1", "pasm-r2", "pasm-r3", "random-erasing", "adversarial-erasing",
+               "pasm-no-teacher")
+OMNI_MODELS = ("teacher", "vas", "das")
+TEST_SETS = ("inner", "occlusion", "pose30", "pose45", "cross0")
+
+
+def round_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
+    """The PASM + omni run of one seed: the demo's recipe, larger test sets, the Table III splits."""
+    n_test, n_hard = (60, 30) if quick else (300, 150)
+    return {
+        "name": f"fidelity-s{seed}", "out": out, "seed": seed, "pipeline": "round", "report": False,
+        "labeled": {"format": "synthetic", "rows_per_shard": 256,
+                    "options": {"size": 48, "train_per_class": 80 if quick else 150, "test_per_class": n_test,
+                                "occlusion_test_per_class": n_hard, "pose_test_per_class": n_hard,
+                                "pool_size": 350 if quick else 700}},
+        "cross": [{"format": "synthetic", "rows_per_shard": 256,
+                   "options": {"size": 48, "style": "b", "seed": 1, "train_per_class": 0, "test_per_class": n_hard,
+                               "pool_size": 0}}],
+        "extra_test_splits": ["test_occlusion", "test_pose30", "test_pose45"],
+        "align": {"size": 48},
+        "teacher": {"arch": "small_cnn", "input_size": 48, "epochs": 8 if quick else 15, "batch_size": 32,
+                    "lr": 0.02, "lr_step": 12},
+        "attack": {"popsize": 16, "generations": 6},
+        "pasm": {"rounds": 2 if quick else 3, "beta": 0.1, "student_epochs": 4 if quick else 6},
+        "mine": {"margin": 0.05},
+        "distill": {"outer_steps": 40 if quick else 100, "inner_steps": 5, "real_batch": 64, "n_inits": 2,
+                    "image_lr": 0.05},
+    }
+
+
+# ---- statistics -------------------------------------------------------------------------------
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def compare(per_seed: dict[str, list[float]], row: str, ref: str) -> dict[str, Any]:
+    """mean +- std of ``row`` and its paired (same seed) difference to ``ref`` with the standard error."""
+    from tasks.metrics import paired_seed_differences
+
+    a, b = per_seed[ref], per_seed[row]
+    mean, std = _mean_std(b)
+    out: dict[str, Any] = {"values": b, "mean": mean, "std": std}
+    if row != ref and len(a) == len(b) and len(b) > 1:
+        d = paired_seed_differences(a, b)
+        out.update(diff=d.mean, diff_se=d.se, diffs=list(d.diffs))
+    return out
+
+
+def _holds(c: dict[str, Any], sign: int) -> str:
+    if "diff" not in c or not math.isfinite(c.get("diff_se", float("nan"))):
+        return "n/a"
+    if sign * c["diff"] > 2 * c["diff_se"]:
+        return "yes"
+    return "no (opposite)" if sign * c["diff"] < -2 * c["diff_se"] else "within noise"
+
+
+# ---- the sections -------------------------------------------------------------------------------
+def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from flows.config import RunConfig
+    from flows.round import FLOWS
+    from storage.artifact import Artifact
+
+    metrics: dict[int, dict[str, Any]] = {}
+    distill: dict[int, dict[str, Any]] = {}
+    for s in seeds:
+        t = time.time()
+        cfg = RunConfig.model_validate(round_config(os.path.join(out, f"round-s{s}"), s, quick))
+        summary = FLOWS["round"](cfg=cfg)
+        metrics[s] = summary["metrics"]
+        distill[s] = Artifact(summary["artifacts"]["distill"]).manifest.extra.get("holdout", {})
+        log(f"round seed {s}: {time.time() - t:.0f} s")
+    models = [m for m in PASM_MODELS + OMNI_MODELS[1:] if all(m in metrics[s] for s in seeds)]
+    rows = []
+    for ts in TEST_SETS:
+        acc = {m: [metrics[s][m][ts]["accuracy"] for s in seeds] for m in models if ts in metrics[seeds[0]][m]}
+        for m in acc:
+            rows.append({"paper": "omni" if m in ("vas", "das") else "pasm", "model": m, "test": ts,
+                         "reference": "teacher", **compare(acc, m, "teacher")})
+        if "pasm-no-teacher" in acc:  # Table VII's order: random < adversarial < PASM w/o teacher
+            for ref in ("random-erasing", "adversarial-erasing"):
+                rows.append({"paper": "pasm", "model": "pasm-no-teacher", "test": ts, "reference": ref,
+                             **compare(acc, "pasm-no-teacher", ref)})
+    dist = {"distilled": [distill[s].get("distilled_acc") for s in seeds],
+            "random-real": [distill[s].get("random_real_acc") for s in seeds]}
+    if all(v is not None for v in dist["distilled"] + dist["random-real"]):
+        rows.append({"paper": "omni", "model": "distilled", "test": "holdout", "reference": "random-real",
+                     **compare(dist, "distilled", "random-real")})
+    return {"rows": rows}
+
+
+def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    import pt_compare
+
+    noises = [0.0, 0.3] if quick else [0.0, 0.1, 0.2, 0.3]
+    res: dict[tuple[str, float], list[float]] = {}
+    for s in seeds:
+        t = time.time()
+        argv = ["--out", os.path.join(out, "pt"), "--seed", str(s), "--big-test", "100" if quick else "300"]
+        if quick:
+            argv += ["--epochs", "6", "--lr-step", "3"]
+        for n in noises:
+            argv += ["--noise", str(n)]
+        for r in pt_compare.main(argv)["rows"]:
+            res.setdefault((r["method"], r["noise"]), []).append(r["big_test"]["accuracy"])
+        log(f"PT seed {s}: {time.time() - t:.0f} s")
+    rows = []
+    for n in noises:
+        acc = {m: res[(m, n)] for m in ("finetune", "mean_teacher", "pt")}
+        for m in acc:
+            rows.append({"paper": "pt", "model": m, "test": f"big_test, {n:.0%} noise", "reference": "finetune",
+                         **compare(acc, m, "finetune")})
+        rows.append({"paper": "pt", "model": "pt", "test": f"big_test, {n:.0%} noise", "reference": "mean_teacher",
+                     **compare(acc, "pt", "mean_teacher")})
+    return {"rows": rows}
+
+
+def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from tasks.caf import fidelity_comparison
+
+    t = time.time()
+    per_seed = fidelity_comparison(os.path.join(out, "caf"), seeds=seeds, quick=quick)
+    log(f"CAF: {time.time() - t:.0f} s")
+    rows = []
+    for metric in sorted(next(iter(per_seed.values()))):
+        vals = {v: [per_seed[v][metric][i] for i in range(len(seeds))] for v in per_seed}
+        for v in vals:
+            rows.append({"paper": "caf", "model": v, "test": metric, "reference": "critic-free",
+                         **compare(vals, v, "critic-free")})
+    return {"rows": rows}
+
+
+def featloss(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from tasks.featloss import fidelity_comparison
+
+    t = time.time()
+    per_seed = fidelity_comparison(os.path.join(out, "featloss"), seeds=seeds, quick=quick)
+    log(f"feature losses: {time.time() - t:.0f} s")
+    vals = {v: list(acc) for v, acc in per_seed.items()}
+    rows = [{"paper": "featloss", "model": v, "test": "test accuracy", "reference": "none", **compare(vals, v, "none")}
+            for v in vals]
+    rows += [{"paper": "featloss", "model": "adaptive", "test": "test accuracy", "reference": "fixed",
+              **compare(vals, "adaptive", "fixed")}] if {"adaptive", "fixed"} <= set(vals) else []
+    return {"rows": rows}
+
+
+SECTIONS = {"pasm": pasm_and_omni, "pt": progressive_teacher, "caf": caf, "featloss": featloss}
+
+# Which way each comparison should go (+1: the row above its reference; RMSE: lower is better).
+LOWER_IS_BETTER = ("rmse",)
+
+
+def _direction(row: dict[str, Any]) -> int:
+    return -1 if any(k in row["test"].lower() for k in LOWER_IS_BETTER) else 1
+
+
+def _paper_value(row: dict[str, Any]) -> str:
+    try:
+        from paper_figures import paper_value
+    except ImportError:
+        return ""
+    fig = paper_value(row["paper"], row["model"], row["test"])
+    return "" if fig is None else f"{fig.fraction:.4f} ({fig.source}, {fig.dataset})"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="fidelity: measured (synthetic data) next to the paper")
+    for c in ("paper", "model", "test set", "mean +- std", "vs", "paired diff +- se", "holds", "paper's figure"):
+        t.add_column(c, justify="left" if c in ("paper", "model", "test set", "vs", "holds") else "right")
+    for r in rows:
+        diff = f"{r['diff']:+.4f} +- {r['diff_se']:.4f}" if "diff" in r else ""
+        t.add_row(r["paper"], r["model"], r["test"], f"{r['mean']:.4f} +- {r['std']:.4f}",
+                  r["reference"] if "diff" in r else "", diff, r["holds"] if "diff" in r else "", _paper_value(r))
+    Console(width=160).print(t)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/fidelity", help="work folder; finished runs in it are reused")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    ap.add_argument("--quick", action="store_true", help="smaller data and fewer rounds/noise levels (< 10 min)")
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args(argv)
+    if len(args.seeds) < 2:
+        ap.error("a paired difference needs at least 2 seeds")
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = sorted(set(only) - set(SECTIONS))
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+    for name in only:
+        t = time.time()
+        rows += SECTIONS[name](args.out, args.seeds, args.quick, log)["rows"]
+        seconds[name] = round(time.time() - t, 1)
+    for r in rows:
+        r["holds"] = _holds(r, _direction(r))
+        r["paper_figure"] = _paper_value(r) or None
+    print_table(rows)
+    result = {"seeds": args.seeds, "quick": args.quick, "rows": rows, "seconds": seconds,
+              "total_seconds": round(time.time() - t0, 1)}
+    print(f"total {result['total_seconds'] / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return result
+
+
+if __name__ == "__main__":
+    main()
