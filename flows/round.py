@@ -1,6 +1,7 @@
 """The full round as one Prefect flow, plus the PASM-only and omni-only flows built from it.
 
-ingest -> align -> teacher -> (attack -> erase -> student) x N [+ random-erasing ablation]
+ingest -> align -> teacher -> (attack -> erase -> student) x N [+ Table VII: random / adversarial erasing,
+       PASM w/o teacher]
        -> centroids -> mine -> distill -> retrain (VAS, DAS) -> evaluate (inner + cross)
 
 Every box is a stage (flows.prefect_tasks.stage): its output folder is named by its identity,
