@@ -23,19 +23,16 @@ from flows.stage import Run
 from storage.artifact import is_finished, join
 
 SYNTHETIC = "synthetic"  # the word that stands for the embedded synthetic data set (as in flows.pt)
-# CAF needs no unlabeled pool; everything else is storage.synthetic.SyntheticConfig's default
-# (150 train + 50 test faces per class, generated at the model's input size).
-SYNTHETIC_DEFAULTS: dict[str, Any] = {"pool_size": 0}
 
 
 def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) -> str:
-    """The synthetic valence/arousal table of a CAF run: flows.pt.synthetic_table with CAF's defaults,
-    generated once under ``<out>/data`` (the folder is named by the generator's config) and then reused.
-    ``options`` are storage.synthetic.SyntheticConfig fields; ValueError for unknown or mistyped ones.
+    """The synthetic valence/arousal table of a CAF run: tasks.caf.synthetic_table (tasks.caf.SYNTHETIC_DATA
+    over ``options``, storage.synthetic.SyntheticConfig fields), generated once under ``<out>/data`` (the
+    folder is named by the generator's config) and then reused. ValueError for unknown or mistyped options.
     """
-    from flows.pt import synthetic_table as generate_once
+    from tasks.caf import synthetic_table as generate_once
 
-    return generate_once(out, size, {**SYNTHETIC_DEFAULTS, **(options or {})}, defaults=False)
+    return generate_once(out, size, options)
 
 
 def metric_label(key: str) -> str:
@@ -93,14 +90,16 @@ def caf_flow(
 
     ``train_uri="synthetic"`` (the default; also accepted as ``test_uri``) generates the embedded
     synthetic data set under ``<out>/data`` at the config's input size (``synthetic_options``:
-    storage.synthetic.SyntheticConfig fields over SYNTHETIC_DEFAULTS). ``test_uri`` defaults to
-    ``train_uri`` and ``test_splits`` to ["test"]; returns and writes ``<out>/results.json`` with the
+    storage.synthetic.SyntheticConfig fields over tasks.caf.SYNTHETIC_DATA); training on it, ``config``
+    overrides tasks.caf.SYNTHETIC_RECIPE (what `fermine caf OUT --compare` and benchmarks run).
+    ``test_uri`` defaults to ``train_uri`` and ``test_splits`` to ["test"]; returns and writes ``<out>/results.json`` with the
     8 metrics per model, ``<out>/results.md``, and the Prefect artifacts ``caf-results`` (table) and
     ``caf-summary`` (markdown).
     """
-    from tasks.caf import CAFConfig
+    from tasks.caf import SYNTHETIC_RECIPE, CAFConfig
 
-    cfg = build_dataclass(CAFConfig, dict(config or {}), "caf")  # a mistyped setting fails before any work
+    recipe = SYNTHETIC_RECIPE if train_uri == SYNTHETIC else {}
+    cfg = build_dataclass(CAFConfig, {**recipe, **dict(config or {})}, "caf")  # a mistyped setting fails first
     if is_finished(out):
         raise ValueError(f"out {out} is a finished artifact (an image table?); give a folder for the run")
     synth = None

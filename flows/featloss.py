@@ -23,11 +23,15 @@ from flows.results import ResultsTable, publish_results
 from flows.stage import Run
 from storage.artifact import join
 
-# The default data set of the comparison: small enough for a few CPU minutes, with a validation
-# split for adaptive weighting; images are generated at the load size (no resize before cropping).
-SYNTHETIC_DEFAULTS: dict[str, Any] = {"size": 54, "train_per_class": 100, "val_per_class": 20,
-                                      "test_per_class": 30, "pool_size": 0, "n_identities": 100,
-                                      "intensity_min": 0.5, "occlusion_prob": 0.1}
+
+
+def synthetic_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The generator options of the default data set: tasks.featloss.SYNTHETIC_DATA (the generator's default
+    faces, a validation split for adaptive weighting, generated at the load size so that the five crops
+    need no resize) under ``options``; compare_featloss uses the same."""
+    from tasks.featloss import SYNTHETIC_DATA
+
+    return {**SYNTHETIC_DATA, **(options or {})}
 
 
 def _synthetic(options: dict[str, Any]):
@@ -74,7 +78,7 @@ def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str], device: str)
 
 def synthetic_table(run: Run, options: dict[str, Any] | None = None) -> str:
     """The default synthetic data set as a stage of ``run`` (generated once, then reused)."""
-    opts = {**SYNTHETIC_DEFAULTS, **(options or {})}
+    opts = synthetic_options(options)
     return stage(run, "data-synthetic", opts, {}, _synthetic(opts)).uri
 
 
@@ -93,12 +97,15 @@ def featloss_flow(
     """Compare feature-loss variants on ``table_uri`` (default: the synthetic data set, generated under OUT).
 
     ``config`` overrides tasks.featloss.FeatLossConfig training fields (the variant fixes the
-    feature/structure/weighting fields); ``features_config`` overrides tasks.handcrafted.HandcraftedConfig
-    (its size defaults to the config's input_size); ``synthetic`` overrides SYNTHETIC_DEFAULTS.
+    feature/structure/weighting fields), on top of tasks.featloss.SYNTHETIC_RECIPE when the data is the
+    synthetic set; ``features_config`` overrides tasks.handcrafted.HandcraftedConfig (its size defaults to
+    the config's input_size); ``synthetic`` overrides synthetic_options() (its size defaults to the load
+    size). One seed of tasks.featloss.compare_featloss, as Prefect stages.
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
     from tasks.featloss import (
         DEFAULT_VARIANTS,
+        SYNTHETIC_RECIPE,
         VARIANT_TITLES,
         FeatLossConfig,
         variant_config,
@@ -106,12 +113,13 @@ def featloss_flow(
     from tasks.handcrafted import HandcraftedConfig
 
     names = list(variants) if variants else list(DEFAULT_VARIANTS)
-    base = build_dataclass(FeatLossConfig, dict(config or {}), "featloss")
+    recipe = SYNTHETIC_RECIPE if table_uri is None else {}
+    base = build_dataclass(FeatLossConfig, {**recipe, **dict(config or {})}, "featloss")
     cfgs = {n: variant_config(n, base) for n in names}  # unknown variant names fail before any work
     hcfg = build_dataclass(HandcraftedConfig, {"size": base.input_size, "fit_splits": list(base.train_splits),
                                                 **(features_config or {})}, "features")
     run = Run(out)
-    table = table_uri or synthetic_table(run, synthetic)
+    table = table_uri or synthetic_table(run, {"size": base.load_size, **(synthetic or {})})
     test = test_uri or table
     splits = list(test_splits) if test_splits is not None else ["test"]
     feats = None

@@ -282,6 +282,12 @@ def fit_projection(patches: np.ndarray, labels: np.ndarray, pca_variance: float 
     keeps fewer dims than that, the extra LDA columns are zero, so the feature's layout never depends
     on the data.
     """
+    # scikit-learn (and the scipy BLAS it calls) is loaded before limiting: threadpool_limits only limits the
+    # libraries already loaded when it is entered, and importing them inside the block (in _fit_patch) left
+    # scipy's OpenBLAS on every core, whose SVDs ran ~30x slower on shared cores (5 min for 3500 images).
+    import scipy.linalg  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.discriminant_analysis  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     classes = np.unique(labels)

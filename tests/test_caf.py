@@ -252,6 +252,26 @@ def test_baseline_and_caf_both_run(va_table, tmp_path):
     assert json.load(open(f"{out}/results.json"))["rows"]["caf"]["checkpoint"].endswith("caf")
 
 
+def test_compare_over_seeds_gives_per_seed_metrics_and_paired_differences(va_table, tmp_path):
+    out = str(tmp_path / "seeds")
+    res = compare_caf(_tiny(epochs=1), va_table, out, va_table, ("test",), seeds=[0, 1])
+    assert res["seeds"] == [0, 1]
+    for name in ("baseline", "caf"):
+        rows = res["per_seed"][name]
+        assert [r["seed"] for r in rows] == [0, 1] and rows[1]["checkpoint"].endswith(f"seed-1/{name}")
+        assert rows[0]["rmse_v"] != rows[1]["rmse_v"]  # the seed changes initialisation and batches
+        assert res["rows"][name]["ccc_v"] == pytest.approx(np.mean([r["ccc_v"] for r in rows]))
+        assert res["rows"][name]["ccc_v_std"] == pytest.approx(np.std([r["ccc_v"] for r in rows], ddof=1))
+    d = [c["ccc_v"] - b["ccc_v"] for c, b in zip(res["per_seed"]["caf"], res["per_seed"]["baseline"])]
+    p = res["paired"]["ccc_v"]
+    assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(np.mean(d))
+    assert p["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(2))
+    assert json.load(open(f"{out}/results.json"))["paired"]["rmse_a"]["diffs"] == pytest.approx(
+        res["paired"]["rmse_a"]["diffs"])
+    with pytest.raises(ValueError, match="distinct"):
+        compare_caf(_tiny(epochs=1), va_table, out, va_table, seeds=[0, 0])
+
+
 def test_table_without_valence_arousal_is_a_clear_error(tmp_path):
     rng = np.random.default_rng(0)
     uri = str(tmp_path / "labels_only")
@@ -324,6 +344,29 @@ def test_cli_caf_defaults_to_the_synthetic_data_and_reuses_it(tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_cli_compare_on_the_synthetic_data_trains_with_the_benchmark_recipe(tmp_path, capsys):
+    """`fermine caf OUT --compare` fills unset options from SYNTHETIC_RECIPE (the settings that train the
+    critic-free baseline properly: the paper's 1e-4 for 80 updates left it at CCC 0.09 / 0.24), and gives the
+    same numbers as compare_caf_synthetic, the benchmarks' entry point, for the same seed."""
+    from flows.cli import main
+    from tasks.caf import SYNTHETIC_RECIPE, compare_caf_synthetic
+
+    synth = [a for k, v in TINY_SYNTHETIC.items() for a in ("--synthetic-option", f"{k}={v}")]
+    main(["caf", str(tmp_path / "cli"), "--compare", "--epochs", "1", "--device", "cpu", *synth])
+    capsys.readouterr()
+    cli = json.load(open(tmp_path / "cli" / "results.json"))
+    assert {k: cli["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1}
+    assert cli["config"]["lr"] > 10 * CAFConfig().lr  # not the paper's 1e-4 (sized for 50k updates)
+    bench = compare_caf_synthetic(str(tmp_path / "bench"), seeds=[0], config={"epochs": 1, "device": "cpu"},
+                                  synthetic=TINY_SYNTHETIC)
+    assert bench["config"] == cli["config"]
+    for name in ("baseline", "caf"):
+        (row,) = bench["per_seed"][name]
+        assert {k: row[k] for k in VA_METRICS} == pytest.approx({k: cli["rows"][name][k] for k in VA_METRICS})
+    # a table of your own keeps the paper's settings
+    assert CAFConfig().lr == 1e-4 and CAFConfig().lr_step == 10_000
 
 
 def test_results_records_markdown_and_no_artifacts_outside_a_flow():

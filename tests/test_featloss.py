@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from storage.ingest import write_image_table
 from storage.synthetic import SyntheticConfig, generate
 from tasks.featloss import (
+    SYNTHETIC_RECIPE,
     FeatLossConfig,
     FeatLossNet,
     amplify_weights,
     center_loss,
     class_balance_weights,
+    compare_featloss,
     crop_views,
     decayed_weight,
     evaluate_featloss,
@@ -242,6 +244,62 @@ def test_branched_gabor_and_plain_runs(data, tmp_path):
         train_featloss(variant_config("gsf", _tiny()), table, None, str(tmp_path / "x"))
     with pytest.raises(ValueError, match="needs labeled validation rows"):
         train_featloss(variant_config("adaptive", _tiny(val_splits=("nope",))), table, feats, str(tmp_path / "y"))
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine_per_step():
+    from tasks.featloss import _Run
+
+    def rates(**kw):
+        run = _Run(_tiny(**kw), [16], None, torch.device("cpu"), None)
+        return run, [run.lr_at(e, (s + 0.5) / 4) for e in range(run.cfg.epochs) for s in range(4)]
+
+    _, r = rates(epochs=4, lr=0.1, warmup_epochs=1)
+    cos = [0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in np.arange(16) / 4 + 1 / 8]
+    assert r[4:] == pytest.approx(cos[4:])  # after the warm-up: the cosine, step by step
+    assert r[:4] == pytest.approx([c * (s + 0.5) / 4 for s, c in enumerate(cos[:4])])  # linear ramp, never 0
+    assert r[3] < r[4] and r[-1] < 0.002 and max(r) <= 0.1
+    _, plain = rates(epochs=4, lr=0.1)  # no warm-up (the paper's schedule): cosine from the first step
+    assert plain == pytest.approx(cos)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        _tiny(epochs=2, warmup_epochs=3)
+
+
+def test_compare_gives_per_seed_accuracies_and_paired_differences(data, tmp_path):
+    table, _ = data
+    out = str(tmp_path / "cmp")
+    fcfg = {"gabor_grid": 2, "gsf_grid": 2, "sift_grid": 2, "size": 32}
+    cfg = {"input_size": 28, "load_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu", "fc1_dim": 16}
+    res = compare_featloss(out, table, variants=["none", "fixed"], seeds=[0, 1], config=cfg, features_config=fcfg)
+    assert res["seeds"] == [0, 1] and res["variants"] == ["none", "fixed"]
+    for name in ("none", "fixed"):
+        rows = res["per_seed"][name]
+        assert [r["seed"] for r in rows] == [0, 1] and rows[1]["checkpoint"].endswith(f"seed-1/{name}")
+        assert all(0 <= r["accuracy"] <= 1 for r in rows)
+        assert res["summary"][name]["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in rows]))
+    d = [f["accuracy"] - n["accuracy"] for f, n in zip(res["per_seed"]["fixed"], res["per_seed"]["none"])]
+    p = res["paired"]["fixed-none"]
+    assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(np.mean(d))
+    assert json.load(open(f"{out}/results.json"))["paired"]["fixed-none"]["diffs"] == pytest.approx(d)
+    assert res["per_seed"]["fixed"][0]["lambdas"] == [1.0, 1.0] and res["per_seed"]["none"][0]["lambdas"] is None
+    # a rerun reuses the finished runs (and the features)
+    again = compare_featloss(out, table, variants=["none", "fixed"], seeds=[0, 1], config=cfg, features_config=fcfg)
+    assert again["per_seed"]["fixed"][1]["accuracy"] == res["per_seed"]["fixed"][1]["accuracy"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        compare_featloss(out, table, variants=["none", "hog"], config=cfg)
+
+
+def test_compare_on_the_synthetic_data_trains_with_the_recipe(tmp_path):
+    """Without a table the comparison generates its data set and trains every variant with SYNTHETIC_RECIPE
+    (warm-up + lr 0.05: the plain baseline then reaches the supervised trainer's accuracy instead of 40%)."""
+    tiny = {"train_per_class": 6, "val_per_class": 2, "test_per_class": 2, "n_identities": 8}
+    res = compare_featloss(str(tmp_path / "syn"), variants=["none"], seeds=[0],
+                           config={"epochs": 1, "warmup_epochs": 0.5, "device": "cpu"}, synthetic=tiny)
+    assert {k: res["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1, "warmup_epochs": 0.5}
+    from storage.artifact import Artifact
+
+    man = Artifact(res["table_uri"]).manifest
+    assert man.config["size"] == SYNTHETIC_RECIPE["load_size"] and man.rows == 7 * 10  # five crops cut, no resize
+    assert res["per_seed"]["none"][0]["accuracy"] >= 0
 
 
 def test_features_of_another_table_are_refused(data, tmp_path):

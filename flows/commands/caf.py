@@ -80,36 +80,47 @@ def register(app: typer.Typer) -> None:
         margin: str = typer.Option("adaptive", "--margin", help="Critic margin: adaptive (MI + Delta), constant "
                                    "(MI + kappa), linear (MI + 0.1 + 5e-3 epoch): Table 4's ablation."),
         arch: str = typer.Option("small_cnn", "--arch", help="Encoder: small_cnn, resnet18, resnet34, resnet50, vgg16."),
-        size: int = typer.Option(64, "--size", min=16, help="Input size in pixels."),
-        epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training rows."),
+        size: Optional[int] = typer.Option(None, "--size", min=16, help="Input size in pixels (default: 32 on "
+                                           "the synthetic data, else 64)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training rows "
+                                             "(default: 8 on the synthetic data, else 10)."),
         iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Total updates (overrides "
                                                  "--epochs; the paper uses 50000)."),
-        batch_size: int = typer.Option(128, "--batch-size", min=4),
-        lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (paper: 1e-4)."),
-        lr_step: int = typer.Option(10_000, "--lr-step", min=1, help="Iterations between lr decays."),
-        lr_gamma: float = typer.Option(0.8, "--lr-gamma", help="lr decay factor."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=4, help="Default: 64 on the synthetic "
+                                                 "data, else 128 (paper)."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: 2e-3 on the synthetic "
+                                           "data, else the paper's 1e-4)."),
+        lr_step: Optional[int] = typer.Option(None, "--lr-step", min=1, help="Iterations between lr decays "
+                                              "(default: 87 on the synthetic data, else the paper's 10000)."),
+        lr_gamma: Optional[float] = typer.Option(None, "--lr-gamma", help="lr decay factor (default: 0.6 on the "
+                                                 "synthetic data, else the paper's 0.8)."),
         adv_weight: float = typer.Option(1.0, "--adv-weight", help="Weight of the encoder's adversarial loss."),
         kappa: float = typer.Option(0.2, "--kappa", help="Margin term of --margin constant."),
         seed: int = typer.Option(0, "--seed"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="With --compare: comma-separated seeds, one "
+                                            "baseline/CAF pair each (OUT/seed-S/...); the table shows the means "
+                                            "and results.json the per-seed metrics and paired differences."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
         pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local encoder weights (file or "
                                                  "checkpoint folder)."),
         synthetic_option: Optional[list[str]] = typer.Option(
             None, "--synthetic-option", help="key=value setting of the synthetic data (storage.synthetic."
-            "SyntheticConfig, e.g. train_per_class=50); repeatable. Default: 150 train + 50 test faces per "
-            "class at --size, no pool."),
+            "SyntheticConfig, e.g. train_per_class=50); repeatable. Default: tasks.caf.SYNTHETIC_DATA (500 "
+            "train + 100 test faces per class at --size, no pool)."),
     ) -> None:
         """Valence/arousal regression with the Contrastive Adversarial Framework (CAF).
 
         `fermine caf OUT --compare` trains the critic-free baseline and CAF on the synthetic data and prints
-        the Table 1 comparison; `fermine caf TABLE OUT` trains on your own table.
+        the Table 1 comparison; `fermine caf TABLE OUT` trains on your own table. On the synthetic data the
+        unset training options come from tasks.caf.SYNTHETIC_RECIPE (what benchmarks run), otherwise from the
+        paper (tasks.caf.CAFConfig).
         """
         from rich.console import Console
 
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import is_finished
-        from tasks.caf import CAFConfig, compare_caf, evaluate_va, train_caf
+        from tasks.caf import SYNTHETIC_RECIPE, CAFConfig, compare_caf, evaluate_va, train_caf
         from tasks.checkpoint import atomic_write_bytes, dumps_json
 
         if out is None:  # one argument: it is OUT, and the table is the synthetic data set
@@ -129,13 +140,27 @@ def register(app: typer.Typer) -> None:
         if tr_splits is None:
             raise UserError("--train-splits must name splits (e.g. train)")
         te_splits = _splits(test_splits)
+        seed_list = None
+        if seeds is not None:
+            if not compare:
+                raise UserError("--seeds applies to --compare (use --seed for one model)")
+            try:
+                seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+            except ValueError:
+                raise UserError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        given = {"input_size": size, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_step": lr_step,
+                 "lr_gamma": lr_gamma}
+        # Unset options: the synthetic recipe when training on the synthetic data, else CAFConfig's (the paper's).
+        recipe = SYNTHETIC_RECIPE if train_table == SYNTHETIC else {}
+        training = {**recipe, **{k: v for k, v in given.items() if v is not None}}
         try:
-            cfg = CAFConfig(arch=arch, input_size=size, epochs=epochs, iterations=iterations, batch_size=batch_size,
-                            lr=lr, lr_step=lr_step, lr_gamma=lr_gamma, critic=not no_critic, margin=margin,
+            cfg = CAFConfig(arch=arch, iterations=iterations, critic=not no_critic, margin=margin,
                             kappa=kappa, adv_weight=adv_weight, train_splits=tr_splits,
-                            eval_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained)
+                            eval_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained,
+                            **training)
         except ValueError as e:
             raise UserError(str(e)) from None
+        size = cfg.input_size
         console = Console()
         if SYNTHETIC in (train_table, test):
             from flows.caf import synthetic_table
@@ -161,7 +186,7 @@ def register(app: typer.Typer) -> None:
                         bar.update(0, total=d["total"], completed=d["iteration"],
                                    info=f"{name} ep {d['epoch']}/{d['epochs']} L_AV {d['loss_av']:.3f}")
 
-                    res = compare_caf(cfg, train_table, out, test_uri, te_splits, progress=cb)
+                    res = compare_caf(cfg, train_table, out, test_uri, te_splits, progress=cb, seeds=seed_list)
                 rows = res["rows"]
             else:
                 name = "CAF" if cfg.critic else "baseline"
@@ -180,7 +205,14 @@ def register(app: typer.Typer) -> None:
         except (ValueError, FloatingPointError) as e:  # no V/A, bad split or arch, config clash on resume, divergence
             raise UserError(str(e)) from None
         where = f"{test_uri} [{','.join(te_splits) if te_splits else 'all rows'}]"
-        console.print(results_table(rows, f"valence/arousal on {where}"))
+        title = f"valence/arousal on {where}"
+        if seed_list is not None and len(seed_list) > 1:
+            title += f", mean of seeds {','.join(map(str, seed_list))}"
+        console.print(results_table(rows, title))
+        if seed_list is not None and len(seed_list) > 1:
+            p = res["paired"]
+            console.print("CAF - baseline per seed (mean +- se): " + ", ".join(
+                f"{k} {p[k]['mean']:+.3f} +- {p[k]['se']:.3f}" for k in ("rmse_v", "rmse_a", "ccc_v", "ccc_a")))
         skipped = next(iter(rows.values())).get("skipped") or {}
         if any(skipped.values()):
             console.print(f"test rows skipped: {skipped}")

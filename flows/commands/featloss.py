@@ -52,15 +52,21 @@ def _config(**kw: Any):
         raise UserError(str(e)) from None
 
 
-def _common(arch: str, size: int, load_size: Optional[int], epochs: int, round_epochs: int, batch_size: int,
-            lr: float, lambda_f1: float, lambda_f: float, rho: float, gamma: float, norm: int, no_balance: bool,
-            no_five_crop: bool,
-            train_split: str, val_split: str, seed: int, device: str) -> dict[str, Any]:
-    return dict(arch=arch, input_size=size, load_size=load_size if load_size is not None else size + max(2, size // 8),
-                epochs=epochs, round_epochs=round_epochs, batch_size=batch_size, lr=lr, lambda_f1=lambda_f1,
-                lambda_f2=lambda_f, lambda_b=lambda_f, rho=rho, gamma=gamma, norm=norm, class_balanced=not no_balance,
-                five_crop=not no_five_crop, train_splits=_splits(train_split, "--train-split"),
-                val_splits=_splits(val_split, "--val-split"), seed=seed, device=device)
+def _common(arch: str, size: Optional[int], load_size: Optional[int], epochs: Optional[int],
+            round_epochs: Optional[int], batch_size: Optional[int], lr: Optional[float], warmup: Optional[float],
+            lambda_f1: Optional[float], lambda_f: Optional[float], rho: Optional[float], gamma: Optional[float],
+            norm: int, no_balance: bool, no_five_crop: bool, train_split: str, val_split: str, seed: int,
+            device: str) -> dict[str, Any]:
+    """FeatLossConfig fields of the options; the unset (None) training options are left out, so the caller's
+    defaults apply (FeatLossConfig's, or tasks.featloss.SYNTHETIC_RECIPE on the synthetic data)."""
+    if load_size is None and size is not None:
+        load_size = size + max(2, size // 8)
+    optional = dict(input_size=size, load_size=load_size, epochs=epochs, round_epochs=round_epochs,
+                    batch_size=batch_size, lr=lr, warmup_epochs=warmup, lambda_f1=lambda_f1, lambda_f2=lambda_f,
+                    lambda_b=lambda_f, rho=rho, gamma=gamma)
+    return dict(arch=arch, norm=norm, class_balanced=not no_balance, five_crop=not no_five_crop,
+                train_splits=_splits(train_split, "--train-split"), val_splits=_splits(val_split, "--val-split"),
+                seed=seed, device=device, **{k: v for k, v in optional.items() if v is not None})
 
 
 def _results_table(rows: list[dict[str, Any]], title: str):
@@ -135,19 +141,24 @@ def register(app: typer.Typer) -> None:
         variant: str = typer.Option("adaptive", "--variant", help=_VARIANT_HELP),
         test_split: str = typer.Option("test", "--test-split", help="Comma-separated splits evaluated at the end."),
         arch: str = typer.Option("small_cnn", "--arch"),
-        size: int = typer.Option(48, "--size", help="Crop side fed to the network (paper: 227)."),
+        size: Optional[int] = typer.Option(None, "--size", help="Crop side fed to the network (default 48; "
+                                           "paper: 227)."),
         load_size: Optional[int] = typer.Option(None, "--load-size", help="Side images are decoded at before the "
                                                 "five crops (default: SIZE + SIZE/8; paper: 256)."),
-        epochs: int = typer.Option(6, "--epochs"),
-        round_epochs: int = typer.Option(2, "--round-epochs", help="Epochs between loss-weight updates (MaxIter)."),
-        batch_size: int = typer.Option(32, "--batch-size"),
-        lr: float = typer.Option(0.02, "--lr"),
-        lambda_f1: float = typer.Option(1e-4, "--lambda-f1", help="Initial weight of the feature loss on z "
-                                        "(GABOR)."),
-        lambda_f: float = typer.Option(0.05, "--lambda-f", help="Initial weight of the feature losses on x "
-                                       "(lambda_F2, lambda_b)."),
-        rho: float = typer.Option(0.9, "--rho", help="Per-epoch decay of the feature-loss weights (Eq. 6)."),
-        gamma: float = typer.Option(1.2, "--gamma", help="Amplification of the better loss's weight (Eq. 10)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Default 6."),
+        round_epochs: Optional[int] = typer.Option(None, "--round-epochs", help="Epochs between loss-weight "
+                                                   "updates (MaxIter; default 2)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="SGD rate, cosine-annealed (default 0.02)."),
+        warmup: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up (epochs; default 0)."),
+        lambda_f1: Optional[float] = typer.Option(None, "--lambda-f1", help="Initial weight of the feature loss on z "
+                                                  "(GABOR; default 1e-4)."),
+        lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="Initial weight of the feature losses on x "
+                                                 "(lambda_F2, lambda_b; default 0.05)."),
+        rho: Optional[float] = typer.Option(None, "--rho", help="Per-epoch decay of the feature-loss weights "
+                                            "(Eq. 6; default 0.9)."),
+        gamma: Optional[float] = typer.Option(None, "--gamma", help="Amplification of the better loss's weight "
+                                              "(Eq. 10; default 1.2)."),
         norm: int = typer.Option(2, "--norm", help="p of the feature loss: 1 or 2."),
         no_balance: bool = typer.Option(False, "--no-balance", help="Plain SoftMax (no class weights, Eq. 13-14)."),
         no_five_crop: bool = typer.Option(False, "--no-five-crop", help="Centre crop only (no five-crop voting)."),
@@ -156,7 +167,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option("auto", "--device"),
     ) -> None:
-        """Train one feature-loss variant and evaluate it with five-crop + mirror voting."""
+        """Train one feature-loss variant and evaluate it with five-crop + mirror voting.
+
+        Unset training options take tasks.featloss.FeatLossConfig's defaults.
+        """
         from rich.console import Console
 
         from flows.cli import UserError
@@ -171,8 +185,9 @@ def register(app: typer.Typer) -> None:
         )
 
         _table(table, "TABLE")
-        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f1, lambda_f, rho,
-                                 gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device))
+        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, warmup, lambda_f1,
+                                 lambda_f, rho, gamma, norm, no_balance, no_five_crop, train_split, val_split, seed,
+                                 device))
         try:
             cfg = variant_config(variant, base)
         except ValueError as e:
@@ -208,16 +223,19 @@ def register(app: typer.Typer) -> None:
         variants: str = typer.Option("none,gabor,gsf,sift,fixed,adaptive", "--variants",
                                      help="Comma-separated rows of the table: " + _VARIANT_HELP),
         arch: str = typer.Option("small_cnn", "--arch"),
-        size: int = typer.Option(48, "--size", help="Crop side fed to the network."),
+        size: Optional[int] = typer.Option(None, "--size", help="Crop side fed to the network (synthetic data: 32, "
+                                           "else 48)."),
         load_size: Optional[int] = typer.Option(None, "--load-size", help="Decode side (default SIZE + SIZE/8)."),
-        epochs: int = typer.Option(6, "--epochs"),
-        round_epochs: int = typer.Option(2, "--round-epochs"),
-        batch_size: int = typer.Option(32, "--batch-size"),
-        lr: float = typer.Option(0.02, "--lr"),
-        lambda_f1: float = typer.Option(1e-4, "--lambda-f1"),
-        lambda_f: float = typer.Option(0.05, "--lambda-f"),
-        rho: float = typer.Option(0.9, "--rho"),
-        gamma: float = typer.Option(1.2, "--gamma"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Default 6."),
+        round_epochs: Optional[int] = typer.Option(None, "--round-epochs", help="Synthetic data: 1, else 2."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Synthetic data: 0.05, else 0.02."),
+        warmup: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up (synthetic data: "
+                                               "1, else 0)."),
+        lambda_f1: Optional[float] = typer.Option(None, "--lambda-f1", help="Default 1e-4."),
+        lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="Default 0.05."),
+        rho: Optional[float] = typer.Option(None, "--rho", help="Default 0.9."),
+        gamma: Optional[float] = typer.Option(None, "--gamma", help="Default 1.2."),
         norm: int = typer.Option(2, "--norm"),
         no_balance: bool = typer.Option(False, "--no-balance"),
         no_five_crop: bool = typer.Option(False, "--no-five-crop"),
@@ -230,7 +248,12 @@ def register(app: typer.Typer) -> None:
             "repeatable."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the run's HTML report."),
     ) -> None:
-        """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (a Prefect flow)."""
+        """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (a Prefect flow).
+
+        On the synthetic data (no --table) the unset training options come from
+        tasks.featloss.SYNTHETIC_RECIPE and the data from tasks.featloss.SYNTHETIC_DATA: what
+        tasks.featloss.compare_featloss (the benchmarks' entry point) runs for one seed.
+        """
         from rich.console import Console
 
         from flows.cli import UserError
@@ -245,16 +268,21 @@ def register(app: typer.Typer) -> None:
             _table(table, "--table")
         if test:
             _table(test, "--test")
-        base = _config(**_common(arch, size, load_size, epochs, round_epochs, batch_size, lr, lambda_f1, lambda_f, rho,
-                                 gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device))
+        given = _common(arch, size, load_size, epochs, round_epochs, batch_size, lr, warmup, lambda_f1, lambda_f, rho,
+                        gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device)
+        if not table:
+            from tasks.featloss import SYNTHETIC_RECIPE
+
+            given = {**SYNTHETIC_RECIPE, **given}
+        base = _config(**given)
         synth = parse_options(list(synthetic_option or []))
         if not table:
-            from flows.featloss import SYNTHETIC_DEFAULTS
+            from flows.featloss import synthetic_options
             from storage.synthetic import config_from_options
 
             synth = {"size": base.load_size, **synth}
             try:
-                config_from_options(**{**SYNTHETIC_DEFAULTS, **synth})
+                config_from_options(**synthetic_options(synth))
             except ValueError as e:
                 raise UserError(str(e)) from None
         from flows.config import ConfigError
