@@ -843,14 +843,12 @@ def synthetic_table(out_uri: str, options: dict[str, Any] | None = None) -> str:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Per-seed differences a - b, their mean, standard error (sd / sqrt(n), nan below 2 seeds) and mean / se."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.size == 0:
-        raise ValueError("paired_difference needs at least one pair")
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    mean = float(d.mean())
-    z = mean / se if se > 0 else (float("inf") * np.sign(mean) if se == 0 and mean else float("nan"))
-    return {"diffs": [float(x) for x in d], "mean": mean, "se": se, "z": float(z)}
+    """Per-seed differences a - b (tasks.metrics.paired_seed_differences) as a JSON-ready dict with mean / se."""
+    from tasks.metrics import paired_seed_differences
+
+    d = paired_seed_differences(b, a)
+    z = d.mean / d.se if d.se > 0 else (float("inf") * np.sign(d.mean) if d.se == 0 and d.mean else float("nan"))
+    return {"diffs": list(d.diffs), "mean": d.mean, "se": d.se, "z": float(z)}
 
 
 def compare_featloss(
