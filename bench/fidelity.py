@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="smaller data and fewer rounds/noise levels (< 10 min)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args(argv)
+    from flows.runtime_env import apply_defaults
+
+    apply_defaults()
     if len(args.seeds) < 2:
         ap.error("a paired difference needs at least 2 seeds")
     only = [s.strip() for s in args.only.split(",") if s.strip()]

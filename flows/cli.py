@@ -8,11 +8,12 @@ line and exit 2; they never show a stack trace.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 
 import typer
+
+from flows.runtime_env import apply_defaults
 
 app = typer.Typer(
     name="fermine",
@@ -37,11 +38,7 @@ def _register_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # The temporary Prefect server needs more than its default 20 s to start on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    apply_defaults()
     from storage.artifact import ArtifactError
     from storage.readers.base import DatasetFormatError
 

@@ -3,11 +3,9 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The temporary Prefect server needs more than its default 20 s to start on a busy 2-core machine.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from flows.runtime_env import apply_defaults  # noqa: E402
+
+apply_defaults()
 # Ray workers inherit the environment: let them import helpers defined in test modules.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
 
