@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.train import resolve_device
+from tasks.device import resolve_device
 from tasks.va_metrics import VA_METRICS, va_loss, va_metrics
 
 log = logging.getLogger("fermine.caf")

@@ -1,18 +1,21 @@
 """Model checkpoints: a folder (local path or fsspec URI) with ``model.pt`` + ``model.json``.
 
 ``model.pt`` is a plain state_dict (loadable without fermine); ``model.json`` holds what is needed to
-use it: architecture, class names, input size, normalisation, metrics and the training config.
+use it: the task (classification or valence_arousal), the method that trained it, architecture (and for
+networks other than tasks.models' FERNet the function that rebuilds them), class names, input size,
+normalisation, metrics and the training config. Every method writes this one format (tasks.engine).
 Every file is written to a temporary sibling and renamed, so a reader never sees a partial file;
 ``model.json`` is written last and records the sha256 of ``model.pt``, so a pair torn by a crash
 between the two renames is detected instead of loaded.
 
-The training state (``last.pt``: model, optimiser, scheduler, epoch, RNG states, history) lives in
-the same folder and is what ``train(..., resume=True)`` continues from.
+The training state (``last.pt``: the method's state, optimisers, epoch, history, the run's fingerprint)
+lives in the same folder and is what tasks.engine.fit continues from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -21,6 +24,7 @@ from typing import Any, Mapping
 
 import fsspec
 import torch
+from torch import nn
 
 from storage.schema import CLASSES
 from tasks.models import FERNet, build_model
@@ -29,9 +33,12 @@ MODEL_FILE = "model.pt"
 META_FILE = "model.json"
 STATE_FILE = "last.pt"
 _TMP = "_tmp-"
+FORMAT = 2  # 1: FERNet only, no "task" / "model" fields (still loads: both default to a FERNet classifier)
+FERNET = "fernet"  # meta["model"]["builder"] of tasks.models.build_model networks
 
 __all__ = [
     "atomic_write_bytes",
+    "build_network",
     "checkpoint_exists",
     "load_checkpoint",
     "load_training_state",
@@ -83,11 +90,13 @@ def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def save_checkpoint(uri_dir: str, model: FERNet, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def save_checkpoint(uri_dir: str, model: nn.Module, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Atomically write ``model.pt`` then ``model.json``; returns the meta written.
 
-    ``meta`` may give classes, input_size, mean, std, metrics, config; arch and num_classes come from
-    the model, classes default to storage.schema.CLASSES, mean/std to tasks.data's.
+    ``meta`` may give task, classes, input_size, mean, std, metrics, method, config; for a FERNet, arch,
+    num_classes and feature_dim come from the model. Any other network needs ``meta["model"]`` =
+    {"builder": "package.module:function", ...}: the function that rebuilds it from this meta
+    (:func:`load_checkpoint` calls it), and ``num_classes`` (its outputs).
     """
     from tasks.data import MEAN, STD
 
@@ -95,22 +104,33 @@ def save_checkpoint(uri_dir: str, model: FERNet, meta: Mapping[str, Any] | None 
     # Always a CPU state_dict: a checkpoint saved on a GPU loads on a CPU-only machine.
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     data = buf.getvalue()
-    out: dict[str, Any] = {
-        "classes": list(CLASSES[: model.num_classes]) if model.num_classes <= len(CLASSES) else None,
-        "input_size": None,
-        "mean": list(MEAN),
-        "std": list(STD),
-        "metrics": {},
-        "config": {},
-    }
+    out: dict[str, Any] = {"task": "classification", "input_size": None, "mean": list(MEAN), "std": list(STD),
+                           "metrics": {}, "config": {}}
     out.update(dict(meta or {}))
-    out.update({"arch": model.arch, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
-                "format": 1, "model_sha256": hashlib.sha256(data).hexdigest()})
-    if out.get("classes") is not None and len(out["classes"]) != model.num_classes:
-        raise ValueError(f"meta lists {len(out['classes'])} classes but the model has {model.num_classes} outputs")
+    if isinstance(model, FERNet):
+        out.update({"arch": model.arch, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
+                    "model": {"builder": FERNET}})
+    elif not isinstance(out.get("model"), Mapping) or ":" not in str(out["model"].get("builder", "")) \
+            or "num_classes" not in out:
+        raise ValueError(f"saving a {type(model).__name__} needs meta['model'] = {{'builder': 'module:function'}} "
+                         "and meta['num_classes']")
+    k = int(out["num_classes"])
+    out.setdefault("classes", list(CLASSES[:k]) if k <= len(CLASSES) else None)
+    out.update({"format": FORMAT, "model_sha256": hashlib.sha256(data).hexdigest()})
+    if out.get("classes") is not None and len(out["classes"]) != k:
+        raise ValueError(f"meta lists {len(out['classes'])} classes but the model has {k} outputs")
     atomic_write_bytes(_join(uri_dir, MODEL_FILE), data)
     atomic_write_bytes(_join(uri_dir, META_FILE), dumps_json(out).encode())
     return out
+
+
+def build_network(meta: Mapping[str, Any]) -> nn.Module:
+    """An untrained network of the architecture ``meta`` (a model.json) describes."""
+    builder = (meta.get("model") or {}).get("builder", FERNET)
+    if builder == FERNET:
+        return build_model(meta["arch"], int(meta["num_classes"]))
+    module, _, name = builder.partition(":")
+    return getattr(importlib.import_module(module), name)(meta)
 
 
 def checkpoint_exists(uri_dir: str) -> bool:
@@ -121,16 +141,21 @@ def checkpoint_exists(uri_dir: str) -> bool:
 def read_meta(uri_dir: str) -> dict[str, Any]:
     fs, path = _fs(uri_dir)
     if not fs.exists(f"{path}/{META_FILE}"):
+        if fs.exists(f"{path}/featloss.json"):
+            raise FileNotFoundError(
+                f"{uri_dir} is a feature-loss model in the format of fermine 0.1 (featloss.json), which predates the "
+                "common checkpoint format; retrain it with `fermine featloss train` into a new folder."
+            )
         if fs.exists(path):
             raise FileNotFoundError(
                 f"{uri_dir} has no {META_FILE}: training there did not finish. "
-                "Rerun `fermine train` with the same output to resume it."
+                "Rerun the training command with the same output to resume it."
             )
         raise FileNotFoundError(f"no checkpoint at {uri_dir}: check the path")
     return json.loads(fs.cat_file(f"{path}/{META_FILE}").decode())
 
 
-def load_checkpoint(uri_dir: str, device: str | torch.device = "cpu") -> tuple[FERNet, dict[str, Any]]:
+def load_checkpoint(uri_dir: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint folder; returns (model in eval mode on ``device``, meta)."""
     meta = read_meta(uri_dir)
     fs, path = _fs(uri_dir)
@@ -142,7 +167,7 @@ def load_checkpoint(uri_dir: str, device: str | torch.device = "cpu") -> tuple[F
             "the file was replaced); retrain or restore the checkpoint"
         )
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = build_model(meta["arch"], int(meta["num_classes"]))
+    model = build_network(meta)
     model.load_state_dict(state)
     model.to(device).eval()
     return model, meta

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.train import resolve_device
+from tasks.device import resolve_device
 
 log = logging.getLogger("fermine.featloss")
 

@@ -253,7 +253,7 @@ def test_cli_train(table, tmp_path, capsys):
 
 def test_stream_epochs_reshuffle_and_replay(table):
     """Persistent workers must see each new epoch (new order) and replay an epoch exactly."""
-    from tasks.train import _StreamSource
+    from tasks.engine.loaders import StreamSource as _StreamSource
 
     cfg = TrainConfig(data="stream", shuffle_buffer=32, **FAST)
     src = _StreamSource([table], cfg, num_workers=2, device=torch.device("cpu"), class_counts=None, rows=112)
