@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     ap.add_argument("--size", type=int, default=RECIPE["input_size"])
     ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    ap.add_argument("--lr-step", type=int, default=RECIPE["lr_steps"][0])
+    ap.add_argument("--lr-step", type=int, default=RECIPE["lr_milestones"][0],
+                    help="epoch after which the lr is multiplied by 0.1 (PTConfig.lr_milestones)")
     ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     ap.add_argument("--turn-iters", type=int, default=RECIPE["turn_iters"])
     ap.add_argument("--ema-max", type=float, default=RECIPE["ema_max"])
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = None
     if not args.scratch:
         pretrained = synthetic_backbone(args.out, args.size, epochs=args.pretrain_epochs, device="cpu")
-    cfg = PTConfig(input_size=args.size, epochs=args.epochs, lr_steps=(args.lr_step,), batch_size=args.batch_size,
+    cfg = PTConfig(input_size=args.size, epochs=args.epochs, lr_milestones=(args.lr_step,), batch_size=args.batch_size,
                    turn_iters=args.turn_iters, ema_max=args.ema_max, split_bn=args.split_bn, pretrained=pretrained,
                    forget_rate=args.forget_rate, forget_margin=args.forget_margin,
                    seed=args.seed, device="cpu", pool_splits=("pool",))

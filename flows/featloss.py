@@ -103,6 +103,7 @@ def featloss_flow(
     size). One seed of tasks.featloss.compare_featloss, as Prefect stages.
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
+    from tasks.checkpoint import read_meta
     from tasks.featloss import (
         DEFAULT_VARIANTS,
         SYNTHETIC_RECIPE,
@@ -134,16 +135,15 @@ def featloss_flow(
                    _evaluate(tr.uri, test, splits, c.device))
         with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
             m = json.load(f)
-        with fsspec.open(join(tr.uri, "featloss.json"), "r") as f:
-            meta = json.load(f)
+        meta = read_meta(tr.uri)  # the engine's model.json
         results.add(name, {
             "test (5-crop + mirror vote)": {"accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"]},
             "test (centre crop)": {"accuracy": m["accuracy_center"],
                                    "mean_class_accuracy": m["mean_class_accuracy_center"]},
-            "val (vote)": {"accuracy": (meta.get("val") or {}).get("accuracy")},
+            "val (vote)": {"accuracy": (meta["metrics"].get("val") or {}).get("accuracy")},
             "method": VARIANT_TITLES.get(name, name),
             "lambdas": meta.get("lambdas"),
-            "train_seconds": meta.get("seconds"),
+            "train_seconds": meta["metrics"].get("train_seconds"),
             "checkpoint": tr.uri,
         })
         uris[f"model-{name}"] = tr.uri

@@ -55,7 +55,7 @@ def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None, 
 # labeled a step) give ~66 iterations an epoch, so T = 130 is two epochs and the EMA cap 0.99 averages
 # ~100 steps; labels clean but for the injected noise need no forget margin on top of the noise rate.
 # Applied where LABELED is the synthetic data and the setting was not given.
-SYNTHETIC_RECIPE: dict[str, Any] = {"input_size": 48, "epochs": 10, "lr_steps": (5,), "batch_size": 64,
+SYNTHETIC_RECIPE: dict[str, Any] = {"input_size": 48, "epochs": 10, "lr_milestones": (5,), "batch_size": 64,
                                     "turn_iters": 130, "ema_max": 0.99, "forget_margin": 0.0}
 
 
@@ -219,7 +219,7 @@ def pt_flow(
                 extra: dict[str, Any] = {}
             else:
                 tr = stage(run, name, c, inputs, _pt(c, train_uri, pool_uri, val_uri))
-                model_uri = join(tr.uri, "teacher")
+                model_uri = tr.uri  # the run folder holds the chosen teacher (model.pt + model.json)
                 with fsspec.open(join(tr.uri, "pt.json"), "r") as f:
                     m = json.load(f)["metrics"]
                 extra = {k: m.get(k) for k in ("forget_rate", "filtered_out", "noisy_filtered_rate",

@@ -40,6 +40,10 @@ Choices the paper leaves open (documented here, configurable in :class:`CAFConfi
   L_adv step, so ``adv_weight`` changes little unless it is 0 (which still takes the extra momentum
   step: the control for "CAF helps only because the encoder is stepped twice").
 
+Training runs on the shared engine (tasks.engine.fit: schedule, seeding, AMP, divergence guard,
+last.pt resume, checkpoint); this module holds the paper's math, :class:`CAF` (Algorithm 1 as the
+engine's method, three optimiser steps per iteration) and :func:`train_caf`.
+
 The per-epoch history records the grouping (delta_r, weak_frac), the margin parts (mi, eta, k, delta,
 margin) and two critic diagnostics: d2_sw, the mean squared strong-weak distance in the critic's
 space, and hinge_active, the share of strong-weak pairs inside the margin. With hinge_active = 1
@@ -49,19 +53,23 @@ the critic's gradient is independent of the margin value, so the Table 4 margin 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from tasks.checkpoint import weights_digest
 from tasks.device import resolve_device
+from tasks.engine import Method, Recipe, StepContext, build_optimizer, fit
+from tasks.engine.seeding import FLIP, ORDER
 from tasks.va_metrics import VA_METRICS, va_loss, va_metrics
 
 log = logging.getLogger("fermine.caf")
@@ -88,6 +96,7 @@ __all__ = [
     "SYNTHETIC_RECIPE",
     "compare_caf_synthetic",
     "synthetic_table",
+    "CAF",
     "CAFConfig",
     "CAFResult",
     "Critic",
@@ -114,18 +123,26 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class CAFConfig:
-    """Settings of one CAF (or baseline) training run. Defaults follow the paper where it gives one."""
+class CAFConfig(Recipe):
+    """Settings of one CAF (or baseline) training run. Defaults follow the paper where it gives one.
+
+    The shared fields (network, input, length, optimiser, schedule, seed, device, AMP) are
+    tasks.engine.Recipe's; CAF's defaults: Adam at 1e-4 for encoder, head and critic, no weight decay,
+    lr x0.8 every 10k iterations (``lr_unit="iteration"``: ``lr_step`` counts parameter updates).
+    """
 
     arch: str = "small_cnn"  # encoder backbone (tasks.models registry); paper: ResNet-18, AlexNet
     input_size: int = 64  # faces are resized to input_size x input_size
     batch_size: int = 128  # paper: 128 (ResNet-18), 256 (AlexNet)
     epochs: int = 10  # passes over the training rows; ignored when ``iterations`` is set
     iterations: int | None = None  # total parameter updates (paper: 50k on AffectNet/AFEW-VA)
-    lr: float = 1e-4  # Adam, for encoder, head and critic (paper)
-    lr_step: int = 10_000  # iterations between learning-rate decays (paper: every 10k)
-    lr_gamma: float = 0.8  # decay factor (paper: x0.8)
+    optimizer: str = "adam"  # for encoder, head and critic (paper)
+    lr: float = 1e-4
     weight_decay: float = 0.0
+    lr_schedule: str = "step"
+    lr_unit: str = "iteration"  # lr_step counts iterations (paper: decay every 10k)
+    lr_step: int = 10_000  # iterations between learning-rate decays
+    lr_gamma: float = 0.8  # decay factor (paper: x0.8)
     critic: bool = True  # False: the baseline regressor without critic (Table 4, "-" rows)
     margin: str = "adaptive"  # "adaptive" (MI + Delta), "constant" (MI + kappa), "linear" (MI + kappa')
     kappa: float = 0.2  # the constant margin term of Table 4
@@ -141,30 +158,20 @@ class CAFConfig:
     av_eps: float = 0.5  # epsilon of L_AV = RMSE + eps (L_PCC + L_CCC)
     hflip: bool = True  # random horizontal flip (valence and arousal do not change under a mirror)
     train_splits: tuple[str, ...] = ("train",)
-    eval_splits: tuple[str, ...] = ("test",)  # splits of val/test tables used for evaluation
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    pretrained: str | None = None  # local weights for the encoder (file or checkpoint folder)
+    val_splits: tuple[str, ...] = ("test",)  # splits of the validation table evaluated after each epoch
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.margin not in MARGINS:
             raise ValueError(f"margin must be one of {', '.join(MARGINS)}, got {self.margin!r}")
         if self.batch_size < 4:
             raise ValueError(f"batch_size must be >= 4 (PCC/CCC and the Otsu split need a batch), got {self.batch_size}")
-        if self.iterations is None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.lr <= 0 or self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
-            raise ValueError("lr must be > 0, lr_step >= 1 and 0 < lr_gamma <= 1")
-        if self.c <= 0 or self.input_size < 16:
-            raise ValueError("c must be > 0 and input_size >= 16")
-        # tuples survive JSON round trips as lists; keep the dataclass hashable and comparable
-        object.__setattr__(self, "train_splits", tuple(self.train_splits))
-        object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        if self.c <= 0:
+            raise ValueError("c must be > 0")
+        if not self.train_splits:
+            raise ValueError("train_splits must name at least one split")
 
 
 # ---------------------------------------------------------------- Algorithm 1, line 3: grouping
@@ -475,8 +482,8 @@ def save_va_scatter(true: np.ndarray, pred: np.ndarray, path: str, title: str = 
 @dataclass
 class CAFResult:
     checkpoint_uri: str
-    metrics: dict[str, Any]  # evaluation metrics on the validation table (empty without one)
-    history: list[dict[str, Any]]  # one entry per epoch: mean losses, margin parts, validation metrics
+    metrics: dict[str, Any]  # evaluation metrics on the validation table, n, skipped (empty without one)
+    history: list[dict[str, Any]]  # one entry per epoch: mean losses, margin parts, lr, validation metrics
     skipped: dict[str, int]  # training rows left out, by reason
     n_train: int
     scatter_png: str | None = None
@@ -487,119 +494,10 @@ def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def _lr_at(cfg: CAFConfig, it: int) -> float:
-    return cfg.lr * cfg.lr_gamma ** (it // cfg.lr_step)
-
-
-def _set_lr(opts: Sequence[torch.optim.Optimizer], lr: float) -> None:
-    for opt in opts:
-        for g in opt.param_groups:
-            g["lr"] = lr
-
-
-class _Trainer:
-    """Holds the three modules and optimisers; ``step`` is one iteration of Algorithm 1."""
-
-    def __init__(self, cfg: CAFConfig, device: torch.device):
-        from tasks.models import build_model
-
-        torch.manual_seed(cfg.seed)
-        self.cfg = cfg
-        self.device = device
-        # The FERNet's 2-output head is f_r; its body is f_e. Saving the FERNet keeps the checkpoint
-        # loadable by tasks.checkpoint.load_checkpoint and usable without the critic.
-        self.model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
-        self.critic = Critic(self.model.feature_dim, cfg.critic_hidden, cfg.critic_dim).to(device)
-        kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.enc_opt = torch.optim.Adam(self.model.body.parameters(), **kw)
-        self.reg_opt = torch.optim.Adam(self.model.head.parameters(), **kw)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), **kw)
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.enc_opt, self.reg_opt, self.critic_opt]
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "critic": self.critic.state_dict(),
-            "enc_opt": self.enc_opt.state_dict(),
-            "reg_opt": self.reg_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
-        }
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.critic.load_state_dict(state["critic"])
-        self.enc_opt.load_state_dict(state["enc_opt"])
-        self.reg_opt.load_state_dict(state["reg_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One iteration on normalised images ``x`` and targets ``y`` (N x 2: valence, arousal)."""
-        cfg = self.cfg
-        self.model.train()
-        self.critic.train()
-        out: dict[str, float] = {}
-        if cfg.critic:
-            weak, strong, th = weak_strong_split(y[:, 0].cpu(), y[:, 1].cpu())
-            out.update(delta_r=th.delta_r, weak_frac=len(weak) / len(y))
-            if len(weak) and len(strong):
-                weak, strong = weak.to(self.device), strong.to(self.device)
-                # line 5: Z = f_c(f_e(X)); the encoder graph is reused by line 7 (the critic's update in
-                # line 6 does not touch the encoder, so the graph stays valid).
-                feats = self.model.features(x)
-                z = self.critic(feats.detach())
-                zs, zw = z[strong], z[weak]
-                marg = margin_for(cfg, zs, zw, epoch)
-                with torch.no_grad():
-                    # Diagnostics: when every strong-weak pair is inside the margin (hinge_active = 1) the
-                    # critic's gradient does not depend on the margin's value at all.
-                    d2 = torch.cdist(zs, zw).pow(2)
-                    out.update(d2_sw=float(d2.mean()), hinge_active=float((d2 < marg["margin"]).float().mean()))
-                # line 6: critic step on L_c
-                loss_c = critic_loss(zs, zw, marg["margin"])
-                self.critic_opt.zero_grad(set_to_none=True)
-                loss_c.backward()
-                self.critic_opt.step()
-                # line 7: encoder step on L_adv with the critic frozen
-                for p in self.critic.parameters():
-                    p.requires_grad_(False)
-                try:
-                    loss_adv = cfg.adv_weight * adversarial_loss(self.critic(feats[weak]))
-                    self.enc_opt.zero_grad(set_to_none=True)
-                    loss_adv.backward()
-                    self.enc_opt.step()
-                finally:
-                    for p in self.critic.parameters():
-                        p.requires_grad_(True)
-                out.update(loss_c=float(loss_c.detach()), loss_adv=float(loss_adv.detach()), **marg)
-            else:
-                out["critic_skipped"] = 1.0
-        # line 8: encoder + head on L_AV (fresh forward: the encoder has just changed)
-        pred = torch.tanh(self.model(x))
-        loss_av = va_loss(pred, y, cfg.av_eps)
-        self.enc_opt.zero_grad(set_to_none=True)
-        self.reg_opt.zero_grad(set_to_none=True)
-        loss_av.backward()
-        self.enc_opt.step()
-        self.reg_opt.step()
-        out["loss_av"] = float(loss_av.detach())
-        return out
-
-
-def _epoch_perm(cfg: CAFConfig, epoch: int, n: int) -> torch.Tensor:
-    # Seeded per epoch (not a running RNG) so that a resumed run draws the same batches.
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def _flip_mask(cfg: CAFConfig, it: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(cfg.seed * 7_919 + it * 31 + 1)
-    return torch.rand(n, generator=g) < 0.5
-
-
-def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
+def _summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The epoch's mean of each per-step diagnostic over the steps that have it (nan-free);
+    ``critic_skipped`` is summed (the number of batches without both groups)."""
+    rows = [{k: float(v) for k, v in r.items()} for r in rows]
     out: dict[str, float] = {}
     keys = {k for r in rows for k in r}
     for k in sorted(keys):
@@ -617,6 +515,160 @@ def _evaluate_model(model: nn.Module, vset: VASet, batch_size: int) -> tuple[dic
     return va_metrics(true, pred), true, pred
 
 
+VAL_BATCH = 256  # images per forward pass of the per-epoch validation
+
+
+class CAF(Method):
+    """Algorithm 1 as an engine method: encoder f_e + head f_r (one 2-output FERNet) and the critic f_c.
+
+    Each step is one iteration on a normalised batch (x, y): the critic step on L_c (line 6), the encoder
+    step on L_adv with the critic frozen (line 7), and the encoder + head step on L_AV (line 8), each its
+    own ``ctx.backward_step``. With ``cfg.critic`` False only line 8 runs (the critic-free baseline; the
+    critic is still built, so both variants draw the same initial encoder). ``data`` (the training faces)
+    is needed for :meth:`steps_per_epoch` and :meth:`batches` only.
+    """
+
+    automatic_optimization = False
+
+    def __init__(self, cfg: CAFConfig, data: VASet | None = None, val_uri: str | None = None):
+        self.cfg, self.data, self.val_uri = cfg, data, val_uri
+        self.name = "caf" if cfg.critic else "va_baseline"
+        self.vset: VASet | None = None
+        self.val_pred: tuple[np.ndarray, np.ndarray] | None = None  # (true, pred) of the final validation
+        self._rows: list[dict[str, Any]] = []
+
+    # -- engine hooks
+    def setup(self, ctx: StepContext) -> None:
+        from tasks.models import build_model
+
+        cfg = self.cfg
+        # The FERNet's 2-output head is f_r; its body is f_e. Saving the FERNet keeps the checkpoint
+        # loadable by tasks.checkpoint.load_checkpoint and usable without the critic.
+        self.model = ctx.prepare(build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained))
+        self.critic = Critic(self.model.feature_dim, cfg.critic_hidden, cfg.critic_dim).to(ctx.device)
+
+        def opt(params):
+            return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
+
+        self.enc_opt = opt(self.model.body.parameters())
+        self.reg_opt = opt(self.model.head.parameters())
+        self.critic_opt = opt(self.critic.parameters())
+        self.optimizers = [self.enc_opt, self.reg_opt, self.critic_opt]
+        if self.val_uri is not None:
+            self.vset = load_va_set(self.val_uri, cfg.input_size, cfg.val_splits)
+
+    def _batch_size(self) -> int:
+        return min(self.cfg.batch_size, len(self.data))
+
+    def steps_per_epoch(self) -> int:
+        return len(self.data) // self._batch_size()  # incomplete last batch dropped: Otsu and PCC want full batches
+
+    def batches(self, epoch: int, ctx: StepContext) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        from tasks.data import MEAN, STD, normalize
+
+        data, bs = self.data, self._batch_size()
+        perm = torch.randperm(len(data), generator=ctx.generator(ORDER))
+        flips = ctx.generator(FLIP)
+        for b in range(self.steps_per_epoch()):
+            idx = perm[b * bs:(b + 1) * bs]
+            images = data.images[idx]
+            if self.cfg.hflip:
+                flip = torch.rand(len(idx), generator=flips) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            x = ctx.prepare_input(normalize(images.to(ctx.device), MEAN, STD))
+            yield x, data.targets[idx].to(ctx.device)
+
+    def on_epoch_start(self, epoch: int, ctx: StepContext) -> None:
+        self._rows = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> dict[str, Any]:
+        """One iteration of Algorithm 1 on normalised images x and targets y (N x 2: valence, arousal)."""
+        x, y = batch
+        cfg = self.cfg
+        self.model.train()
+        self.critic.train()
+        row: dict[str, Any] = {}
+        if cfg.critic:
+            weak, strong, th = weak_strong_split(y[:, 0].cpu(), y[:, 1].cpu())
+            row.update(delta_r=th.delta_r, weak_frac=len(weak) / len(y))
+            if len(weak) and len(strong):
+                weak, strong = weak.to(ctx.device), strong.to(ctx.device)
+                # line 5: Z = f_c(f_e(X)); the encoder graph is reused by line 7 (the critic's update in
+                # line 6 does not touch the encoder, so the graph stays valid).
+                feats = self.model.features(x)
+                z = self.critic(feats.detach()).float()
+                zs, zw = z[strong], z[weak]
+                marg = margin_for(cfg, zs, zw, ctx.epoch)
+                with torch.no_grad():
+                    # Diagnostics: when every strong-weak pair is inside the margin (hinge_active = 1) the
+                    # critic's gradient does not depend on the margin's value at all.
+                    d2 = torch.cdist(zs, zw).pow(2)
+                    row.update(d2_sw=float(d2.mean()), hinge_active=float((d2 < marg["margin"]).float().mean()))
+                # line 6: critic step on L_c
+                loss_c = critic_loss(zs, zw, marg["margin"])
+                ctx.backward_step(loss_c, [self.critic_opt])
+                # line 7: encoder step on L_adv with the critic frozen
+                for p in self.critic.parameters():
+                    p.requires_grad_(False)
+                try:
+                    loss_adv = cfg.adv_weight * adversarial_loss(self.critic(feats[weak]).float())
+                    ctx.backward_step(loss_adv, [self.enc_opt])
+                finally:
+                    for p in self.critic.parameters():
+                        p.requires_grad_(True)
+                row.update(loss_c=loss_c.detach(), loss_adv=loss_adv.detach(),
+                           **{k: v for k, v in marg.items() if not math.isnan(v)})  # k: nan unless adaptive
+            else:
+                row["critic_skipped"] = 1.0
+        # line 8: encoder + head on L_AV (fresh forward: the encoder has just changed)
+        pred = torch.tanh(self.model(x).float())
+        loss_av = va_loss(pred, y, cfg.av_eps)
+        ctx.backward_step(loss_av, [self.enc_opt, self.reg_opt])
+        self._rows.append(row)
+        loss_av = loss_av.detach()
+        return {"loss": loss_av, "loss_av": loss_av, **row, "samples": len(y)}
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, Any]:
+        # The engine averages every step output over all steps; a diagnostic a step may lack (the margin parts
+        # of a batch without both groups) is averaged over the steps that have it, critic_skipped summed.
+        return _summarise(self._rows)
+
+    def validate(self, ctx: StepContext) -> dict[str, Any] | None:
+        if self.vset is None:
+            return None
+        m, _, _ = _evaluate_model(self.model, self.vset, VAL_BATCH)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "critic": self.critic.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.critic.load_state_dict(state["critic"])
+
+    def final_metrics(self, history: list[dict[str, Any]], ctx: StepContext) -> dict[str, Any]:
+        """The validation metrics of the final weights (VA_METRICS, n, skipped; none without a validation
+        table), and the run's iterations and training rows."""
+        out: dict[str, Any] = {"iterations": ctx.global_step}
+        if self.data is not None:
+            out.update(n_train=len(self.data), train_skipped=self.data.skipped)
+        if self.vset is not None:
+            m, true, pred = _evaluate_model(self.model, self.vset, VAL_BATCH)
+            self.val_pred = (true, pred)
+            out.update({**m, "n": len(self.vset), "skipped": self.vset.skipped})
+        return out
+
+    def export(self, ctx: StepContext) -> tuple[nn.Module, dict[str, Any]]:
+        from tasks.data import MEAN, STD
+
+        meta: dict[str, Any] = {"task": TASK, "classes": list(OUTPUTS), "outputs": list(OUTPUTS),
+                                "output_activation": "tanh", "input_size": self.cfg.input_size,
+                                "mean": list(MEAN), "std": list(STD), "val_uri": self.val_uri}
+        if self.data is not None:
+            meta.update(n_train=len(self.data), skipped=self.data.skipped)
+        return self.model, meta
+
+
 def train_caf(
     cfg: CAFConfig,
     train_uri: str,
@@ -626,112 +678,45 @@ def train_caf(
 ) -> CAFResult:
     """Train CAF (or the baseline when ``cfg.critic`` is False) and write a checkpoint folder.
 
-    ``out_uri`` receives model.pt + model.json (task "valence_arousal"), metrics.json, last.pt (the
+    ``out_uri`` receives the engine's layout (tasks.engine.loop): model.pt + model.json (task
+    "valence_arousal", a 2-output FERNet whose outputs go through tanh), metrics.json, last.pt (the
     resumable state, written after every epoch) and, with ``val_uri``, scatter.png of the validation
-    predictions (``cfg.eval_splits`` of ``val_uri``). A rerun with the same ``out_uri`` and config
-    continues from last.pt. ``progress`` is called after every iteration with a dict (iteration,
-    total, epoch, losses).
+    predictions (``cfg.val_splits`` of ``val_uri``, also evaluated after every epoch). A rerun with the
+    same ``out_uri``, config and tables continues from last.pt (a finished run is returned as it is); another
+    config or table is refused (tasks.engine.ResumeMismatch, naming what differs). ``progress`` is called
+    after every iteration with a dict (iteration, total, epoch, epochs, and the epoch's running mean losses).
     """
-    from tasks.checkpoint import atomic_write_bytes, dumps_json, load_training_state, save_checkpoint, save_training_state
-    from tasks.data import MEAN, STD, normalize
+    from storage.artifact import Artifact
 
     t0 = time.time()
-    device = resolve_device(cfg.device)
     data = load_va_set(train_uri, cfg.input_size, cfg.train_splits)
     if len(data) < 4:
         raise ValueError(f"{train_uri} has only {len(data)} rows with valence/arousal in {list(cfg.train_splits)}; "
                          "CAF needs at least 4 (a batch must have weak and strong samples)")
-    vset = load_va_set(val_uri, cfg.input_size, cfg.eval_splits) if val_uri else None
-    n = len(data)
-    bs = min(cfg.batch_size, n)
-    per_epoch = n // bs  # incomplete last batch dropped: the Otsu split and PCC want full batches
+    inputs = {"train": Artifact(train_uri).digest}
+    if val_uri is not None:
+        inputs["val"] = Artifact(val_uri).digest
+    if cfg.pretrained:
+        inputs["pretrained"] = weights_digest(cfg.pretrained)
+    method = CAF(cfg, data, val_uri)
+    per_epoch = method.steps_per_epoch()
+    # ``iterations`` is the engine's max_steps; the epochs it spans (the last one maybe cut short) are the
+    # epochs fit runs.
     total = cfg.iterations if cfg.iterations is not None else cfg.epochs * per_epoch
     n_epochs = math.ceil(total / per_epoch)
 
-    trainer = _Trainer(cfg, device)
-    history: list[dict[str, Any]] = []
-    start = 0
-    state = load_training_state(out_uri)
-    if state is not None:
-        # The device may change between attempts (a GPU run resumed on a CPU); nothing else may.
-        same = {k: v for k, v in (state.get("config") or {}).items() if k != "device"}
-        want = {k: v for k, v in cfg.to_dict().items() if k != "device"}
-        if same != want:
-            diff = sorted(k for k in set(same) | set(want) if same.get(k) != want.get(k))
-            raise ValueError(
-                f"{out_uri} holds a CAF run with a different config ({', '.join(diff)} differ); use another "
-                "output folder, or delete it to start over"
-            )
-        trainer.load(state)
-        start = int(state["iteration"])
-        history = list(state["history"])
-        log.info("resuming %s at iteration %d/%d", out_uri, start, total)
+    def events(d: dict[str, Any]) -> None:
+        if d.pop("event") == "step":
+            progress({**d, "iteration": d["global_step"], "total": total})
 
-    it = start
-    while it < total:
-        epoch = it // per_epoch
-        perm = _epoch_perm(cfg, epoch, n)
-        rows: list[dict[str, float]] = []
-        t_ep = time.time()
-        for b in range(it - epoch * per_epoch, per_epoch):
-            if it >= total:
-                break
-            _set_lr(trainer.optimizers, _lr_at(cfg, it))
-            idx = perm[b * bs:(b + 1) * bs]
-            images = data.images[idx]
-            if cfg.hflip:
-                flip = _flip_mask(cfg, it, len(idx))
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            x = normalize(images.to(device), MEAN, STD)
-            y = data.targets[idx].to(device)
-            r = trainer.step(x, y, epoch)
-            if not math.isfinite(r["loss_av"]):
-                raise FloatingPointError(
-                    f"L_AV became {r['loss_av']} at iteration {it} ({r}); lower --lr or --adv-weight"
-                )
-            rows.append(r)
-            it += 1
-            if progress is not None:
-                progress({"iteration": it, "total": total, "epoch": epoch + 1, "epochs": n_epochs, **r})
-        entry: dict[str, Any] = {"epoch": epoch + 1, "iteration": it, "lr": _lr_at(cfg, it - 1),
-                                 "seconds": time.time() - t_ep, **_summarise(rows)}
-        if vset is not None:
-            m, _, _ = _evaluate_model(trainer.model, vset, 256)
-            entry.update({f"val_{k}": v for k, v in m.items()})
-        history.append(entry)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
-        save_training_state(out_uri, {**trainer.state(), "iteration": it, "history": history,
-                                      "config": cfg.to_dict()})
-
-    metrics: dict[str, Any] = {}
-    scatter = None
-    if vset is not None:
-        metrics, true, pred = _evaluate_model(trainer.model, vset, 256)
-        metrics = {**metrics, "n": len(vset), "skipped": vset.skipped}
-        scatter = save_va_scatter(true, pred, _join(out_uri, "scatter.png"),
+    res = fit(method, out_uri, config=cfg.to_dict(), inputs=inputs, max_steps=cfg.iterations, log_every=1,
+              progress=events if progress is not None else None, **{**cfg.fit_options(), "epochs": n_epochs})
+    scatter: str | None = _join(out_uri, "scatter.png") if val_uri else None
+    if method.val_pred is not None and not res.reused:
+        scatter = save_va_scatter(*method.val_pred, scatter,
                                   f"{'CAF' if cfg.critic else 'baseline'} ({cfg.arch}) on {val_uri}")
-    meta = {
-        "task": TASK,
-        "classes": list(OUTPUTS),
-        "outputs": list(OUTPUTS),
-        "output_activation": "tanh",
-        "input_size": cfg.input_size,
-        "mean": list(MEAN),
-        "std": list(STD),
-        "method": "caf" if cfg.critic else "va_baseline",
-        "metrics": metrics,
-        "config": cfg.to_dict(),
-        "train_uri": train_uri,
-        "n_train": n,
-        "skipped": data.skipped,
-    }
-    save_checkpoint(out_uri, trainer.model, meta)
-    seconds = time.time() - t0
-    atomic_write_bytes(_join(out_uri, "metrics.json"), dumps_json({
-        "method": meta["method"], "val_uri": val_uri, "metrics": metrics, "history": history,
-        "n_train": n, "skipped": data.skipped, "iterations": total, "seconds": seconds,
-        "config": cfg.to_dict()}).encode())
-    return CAFResult(out_uri, metrics, history, data.skipped, n, scatter, seconds)
+    metrics = {k: v for k, v in res.metrics.items() if k in VA_METRICS or k in ("n", "skipped")}
+    return CAFResult(out_uri, metrics, res.history, data.skipped, len(data), scatter, time.time() - t0)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -830,7 +815,6 @@ def synthetic_table(out_uri: str, size: int, options: dict[str, Any] | None = No
     """The synthetic valence/arousal table (SYNTHETIC_DATA over ``options``, generated at ``size``) under
     ``<out>/data/synthetic-<digest of the generator config>``, generated once and then reused (the layout
     of flows.pt.synthetic_table). ValueError for unknown or mistyped options."""
-    import hashlib
 
     from storage.artifact import is_finished
     from storage.ingest import write_image_table

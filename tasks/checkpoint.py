@@ -45,6 +45,7 @@ __all__ = [
     "read_meta",
     "save_checkpoint",
     "save_training_state",
+    "weights_digest",
 ]
 
 
@@ -171,6 +172,21 @@ def load_checkpoint(uri_dir: str, device: str | torch.device = "cpu") -> tuple[n
     model.load_state_dict(state)
     model.to(device).eval()
     return model, meta
+
+
+def weights_digest(path: str) -> str:
+    """The digest of starting weights (an init checkpoint, pretrained weights): a checkpoint folder's
+    model_sha256 (model.json), else the sha256 of the weights file. Part of a run's resume fingerprint."""
+    fs, p = _fs(path)
+    if fs.isdir(p):
+        if fs.exists(f"{p}/{META_FILE}"):
+            sha = json.loads(fs.cat_file(f"{p}/{META_FILE}").decode()).get("model_sha256")
+            if sha:
+                return str(sha)
+        p = f"{p}/{MODEL_FILE}"
+    if not fs.exists(p):
+        raise FileNotFoundError(f"weights not found: {path} (give a local .pt/.pth file or a checkpoint folder)")
+    return hashlib.sha256(fs.cat_file(p)).hexdigest()
 
 
 def save_training_state(uri_dir: str, state: Mapping[str, Any]) -> None:

@@ -35,9 +35,13 @@ Choices the paper leaves open (documented, configurable in :class:`FeatLossConfi
   Any registered backbone works here: a linear projection head maps z to the GABOR dimension and
   L_F1 constrains the projection (the "feature-loss projection head"); FC1's width is the GSF/SIFT
   dimension, so L_F2 acts on x itself as in the paper.
-- The learning rate follows a cosine schedule over the epochs, set per step, after an optional linear
-  warm-up (``warmup_epochs``; the synthetic recipe uses one epoch); trial trainings use the same steps'
-  rates and feature-weight decay as the round they stand in for.
+- The learning rate follows a cosine schedule over the epochs, set per step at the step's midpoint, after
+  an optional linear warm-up (``warmup`` epochs; the synthetic recipe uses one); trial trainings use the
+  same steps' rates and feature-weight decay as the round they stand in for.
+
+Training runs on tasks.engine (:class:`FeatLoss` is the method, :func:`train_featloss` its entry point):
+the loop, schedule, seeding, divergence guard, ``last.pt`` resume and the ``model.pt`` + ``model.json``
+checkpoint are the engine's; the network is rebuilt by :func:`network_from_meta`.
 """
 
 from __future__ import annotations
@@ -49,22 +53,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.checkpoint import weights_digest
 from tasks.device import resolve_device
+from tasks.engine import Method, Recipe, StepContext, build_optimizer, fit
+from tasks.engine.seeding import FLIP, ORDER, TRANSFORM
 
 log = logging.getLogger("fermine.featloss")
 
 STRUCTURES = ("single", "branched", "alternative")
 FEATURE_KINDS = ("gabor", "gsf", "sift")
-MODEL_FILE = "model.pt"
-META_FILE = "featloss.json"
-STATE_FILE = "last.pt"
 
 # Rows of the comparison table: name -> overrides of the base config.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -108,7 +112,7 @@ SYNTHETIC_DATA: dict[str, Any] = {"size": 36, "train_per_class": 500, "val_per_c
 # a cosine decay to 0 (without the warm-up the network sits at chance for epochs, and lr >= 0.05 without it
 # can stall there for good). Every other field keeps FeatLossConfig's default (lambda_b 0.05, rho 0.9, ...).
 SYNTHETIC_RECIPE: dict[str, Any] = {"input_size": 32, "load_size": 36, "epochs": 6, "round_epochs": 1,
-                                    "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0}
+                                    "batch_size": 32, "lr": 0.05, "warmup": 1.0}
 
 __all__ = [
     "COMPARE_VARIANTS",
@@ -119,6 +123,7 @@ __all__ = [
     "compare_featloss",
     "paired_difference",
     "synthetic_table",
+    "FeatLoss",
     "FeatLossConfig",
     "FeatLossNet",
     "FeatLossResult",
@@ -131,6 +136,8 @@ __all__ = [
     "feature_loss",
     "five_crop_offsets",
     "load_featloss_model",
+    "network_from_meta",
+    "round_history",
     "softmax_loss",
     "sparsity_objective",
     "train_featloss",
@@ -144,20 +151,27 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class FeatLossConfig:
-    """One training run. Paper values (Table I) in comments where ours differ for tiny CPU runs."""
+class FeatLossConfig(Recipe):
+    """One training run. Paper values (Table I) in comments where ours differ for tiny CPU runs.
+
+    The shared fields (arch, input_size, epochs, batch_size, optimizer, lr, momentum, weight_decay, the
+    schedule, warmup, clip_grad_norm, seed, device, amp, pretrained) are tasks.engine.Recipe's; the
+    defaults below are this method's.
+    """
 
     arch: str = "small_cnn"  # backbone (tasks.models registry); paper: a face-recognition ResNet
-    num_classes: int = 7
     input_size: int = 48  # crop side fed to the network (paper: 227)
-    load_size: int = 54  # images are decoded at this side, five crops of input_size are cut (paper: 256)
     epochs: int = 6
-    round_epochs: int = 2  # MaxIter of Algorithm 1: epochs between weight updates (adaptive weighting)
     batch_size: int = 32  # paper: 64
     lr: float = 0.02  # SGD, cosine-annealed over the epochs (paper: 5e-3)
-    warmup_epochs: float = 0.0  # linear lr warm-up over the first epochs, per step (0: none; the paper has none)
     momentum: float = 0.9  # paper: 0.8
     weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # set per step, at the step's midpoint (the paper: cosine, no warm-up)
+    lr_unit: str = "epoch"
+    warmup: float = 0.0  # linear lr warm-up over the first epochs, per step (0: none; the paper has none)
+    num_classes: int = 7
+    load_size: int = 54  # images are decoded at this side, five crops of input_size are cut (paper: 256)
+    round_epochs: int = 2  # MaxIter of Algorithm 1: epochs between weight updates (adaptive weighting)
     fc1_dim: int = 128  # FC1 width when no feature loss constrains x (else the feature's dimension)
     z_feature: str | None = None  # feature of L_F1 on z: "gabor" (or gsf/sift), None = no L_F1
     x_features: tuple[str, ...] = ()  # features on x: () none, (k,) L_F2, (k1, k2) branched/alternative
@@ -181,13 +195,10 @@ class FeatLossConfig:
     hflip: bool = True  # random mirror in training, mirrored views in voting
     train_splits: tuple[str, ...] = ("train",)
     val_splits: tuple[str, ...] = ("val",)  # validation rows for adaptive weighting (and per-round logging)
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when available, else cpu
+    log_every: int = 10  # steps between progress step events (each costs a device sync)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "x_features", tuple(self.x_features))
-        object.__setattr__(self, "train_splits", tuple(self.train_splits))
-        object.__setattr__(self, "val_splits", tuple(self.val_splits))
+        super().__post_init__()
         problems = []
         if self.structure not in STRUCTURES:
             problems.append(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
@@ -203,23 +214,24 @@ class FeatLossConfig:
             problems.append("adaptive weighting balances two feature losses: use structure branched or alternative")
         if self.norm not in (1, 2):
             problems.append(f"norm must be 1 or 2, got {self.norm}")
-        if self.input_size < 16 or self.load_size < self.input_size:
-            problems.append(f"need input_size >= 16 and load_size >= input_size, got {self.input_size}, "
-                            f"{self.load_size}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            problems.append(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if self.epochs < 1 or self.round_epochs < 1 or self.batch_size < 2:
-            problems.append("epochs >= 1, round_epochs >= 1 and batch_size >= 2 are required")
+        if self.load_size < self.input_size:
+            problems.append(f"need load_size >= input_size, got {self.load_size} < {self.input_size}")
+        if self.lr_unit == "epoch" and self.warmup > self.epochs:
+            problems.append(f"warmup must be in [0, epochs], got {self.warmup}")
+        if self.round_epochs < 1 or self.batch_size < 2:
+            problems.append("round_epochs >= 1 and batch_size >= 2 are required")
         if not 0 < self.rho <= 1:
             problems.append(f"rho must be in (0, 1], got {self.rho}")
         if self.gamma < 1:
             problems.append(f"gamma must be >= 1 (it amplifies the better loss), got {self.gamma}")
-        if self.lr <= 0 or min(self.lambda_c, self.lambda_f1, self.lambda_f2, self.lambda_b, self.kappa) < 0:
-            problems.append("lr must be > 0 and the loss weights and kappa >= 0")
+        if min(self.lambda_c, self.lambda_f1, self.lambda_f2, self.lambda_b, self.kappa) < 0:
+            problems.append("the loss weights and kappa must be >= 0")
         if self.num_classes < 2 or self.fc1_dim < 1:
             problems.append("num_classes >= 2 and fc1_dim >= 1 are required")
         if not self.train_splits:
             problems.append("train_splits must name at least one split")
+        if self.log_every < 1:
+            problems.append("log_every must be >= 1")
         if problems:
             raise ValueError("invalid FeatLossConfig: " + "; ".join(problems))
 
@@ -227,9 +239,6 @@ class FeatLossConfig:
     def features(self) -> tuple[str, ...]:
         """Every handcrafted feature this run needs."""
         return tuple(dict.fromkeys([*([self.z_feature] if self.z_feature else []), *self.x_features]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def variant_config(name: str, base: FeatLossConfig | None = None) -> FeatLossConfig:
@@ -367,16 +376,24 @@ class FeatLossNet(nn.Module):
     ``x_dims``: FC1 widths, one per x feature (the feature's dimension). Branched: one FC1/FC2 pair per
     entry. Alternative: one FC1 of sum(x_dims) whose consecutive slices are x_1, x_2, one FC2. Single:
     one entry. ``mask`` (alternative only) keeps one component of x and zeroes the others before FC2.
+
+    ``output``: "parts" (training and voting here): ``forward`` returns every output (:class:`NetOut`);
+    "logits": one (N, classes) tensor like any classifier's, the log of the branch-mean probabilities
+    (the logits themselves with one branch). :func:`network_from_meta`, which tasks.checkpoint calls,
+    builds it so, so ``fermine evaluate``, ``predict`` and ``export`` use a feature-loss checkpoint as
+    they use any other.
     """
 
     def __init__(self, arch: str, num_classes: int, x_dims: Sequence[int], structure: str = "single",
-                 z_dim: int | None = None):
+                 z_dim: int | None = None, output: str = "parts"):
         super().__init__()
         from tasks.models import build_model
 
         if structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}")
-        self.arch, self.num_classes, self.structure = arch, num_classes, structure
+        if output not in ("parts", "logits"):
+            raise ValueError(f"output must be 'parts' or 'logits', got {output!r}")
+        self.arch, self.num_classes, self.structure, self.output = arch, num_classes, structure, output
         self.x_dims = [int(d) for d in x_dims]
         self.z_dim = z_dim
         base = build_model(arch, num_classes)
@@ -392,7 +409,7 @@ class FeatLossNet(nn.Module):
         start = sum(self.x_dims[:k])
         return x[:, start:start + self.x_dims[k]]
 
-    def forward(self, images: torch.Tensor, mask: int | None = None) -> NetOut:
+    def forward(self, images: torch.Tensor, mask: int | None = None) -> NetOut | torch.Tensor:
         z = self.body(images)
         zp = self.z_proj(z) if self.z_proj is not None else None
         xs = [fc(z) for fc in self.fc1]
@@ -405,13 +422,31 @@ class FeatLossNet(nn.Module):
             logits = [self.fc2[0](xs[0] * keep)]
         else:
             logits = [fc(x) for fc, x in zip(self.fc2, xs)]
+        if self.output == "logits":
+            if len(logits) == 1:
+                return logits[0]
+            return torch.stack([F.softmax(lg.float(), dim=1) for lg in logits]).mean(dim=0).clamp_min(1e-12).log()
         return NetOut(z, zp, xs, logits)
 
     def probs(self, images: torch.Tensor, mask: int | None = None, branch: int | None = None) -> torch.Tensor:
         """Class probabilities: the mean over branches (Sec. II-D), or one branch."""
-        out = self(images, mask=mask)
+        out = self._parts(images, mask)
         ps = [F.softmax(lg.float(), dim=1) for lg in out.logits]
         return ps[branch] if branch is not None else torch.stack(ps).mean(dim=0)
+
+    def _parts(self, images: torch.Tensor, mask: int | None = None) -> NetOut:
+        output, self.output = self.output, "parts"
+        try:
+            return self(images, mask=mask)
+        finally:
+            self.output = output
+
+
+def network_from_meta(meta: dict[str, Any]) -> FeatLossNet:
+    """The untrained network a feature-loss model.json describes (tasks.checkpoint's builder), as a
+    classifier (``output="logits"``); :func:`load_featloss_model` switches it to every output."""
+    return FeatLossNet(meta["arch"], int(meta["num_classes"]), meta["x_dims"], meta["structure"], meta.get("z_dim"),
+                       output="logits")
 
 
 # ---------------------------------------------------------------- data
@@ -465,66 +500,175 @@ def _targets(features_uri: str, kind: str, ids: Sequence[str], table_uri: str) -
 class FeatLossResult:
     checkpoint_uri: str
     lambdas: tuple[float, float] | None  # final (lambda_1, lambda_2) of two-feature runs
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # one entry per round (round_history)
     val: dict[str, Any]  # last validation metrics (empty without validation rows)
     n_train: int
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time, trial rounds included
+    epoch_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the engine's, per epoch
 
 
-class _Run:
-    """The mutable training state of one run (model, optimiser, centers) and its step logic."""
+# Step outputs averaged into a round's entry (the rest of an epoch record is per epoch or per round).
+_LOSS_KEYS = ("loss", "softmax", "center", "feature_")
+# Round-level entries of the epoch records: the trials' or the branches' objectives, the validation.
+_ROUND_KEYS = ("obj", "val_acc_k", "lambdas_before", "val_accuracy", "val_accuracy_center")
 
-    def __init__(self, cfg: FeatLossConfig, x_dims: list[int], z_dim: int | None, device: torch.device,
-                 class_weights: torch.Tensor | None):
-        torch.manual_seed(cfg.seed)
-        self.cfg, self.device = cfg, device
-        self.model = FeatLossNet(cfg.arch, cfg.num_classes, x_dims, cfg.structure, z_dim).to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-        widths = x_dims if cfg.structure == "branched" else [sum(x_dims)]
-        self.centers = [torch.zeros(cfg.num_classes, w, device=device) for w in widths]
-        self.class_weights = class_weights
 
-    def state(self) -> dict[str, Any]:
-        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
-                "centers": [c.clone() for c in self.centers]}
+def round_history(history: Sequence[dict[str, Any]], round_epochs: int) -> list[dict[str, Any]]:
+    """Per-round entries from the engine's per-epoch records: round, epochs [first, last], the lambdas the
+    round trained with, its objectives (obj, val_acc_k, and lambdas_before for the alternative structure),
+    the mean losses of its epochs, the validation after it, and its seconds (trial rounds included)."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for h in history:
+        groups.setdefault((int(h["epoch"]) - 1) // round_epochs, []).append(h)
+    out = []
+    for r, recs in sorted(groups.items()):
+        entry: dict[str, Any] = {"round": r + 1, "epochs": [recs[0]["epoch"], recs[-1]["epoch"]],
+                                 "lambdas": recs[0].get("lambdas")}
+        for h in recs:
+            entry.update({k: h[k] for k in _ROUND_KEYS if k in h})
+        for k in recs[0]:
+            if k.startswith(_LOSS_KEYS):
+                entry[k] = float(np.mean([h[k] for h in recs]))
+        entry["seconds"] = float(sum(h.get("seconds", 0.0) for h in recs))  # the engine's: trials included
+        out.append(entry)
+    return out
 
-    def load(self, st: dict[str, Any]) -> None:
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["opt"])
-        self.centers = [c.clone().to(self.device) for c in st["centers"]]
 
-    def lr_at(self, epoch: int, frac: float = 0.0) -> float:
-        """The rate at ``frac`` (0..1) of ``epoch``: cosine over all epochs, times a linear warm-up over the
-        first ``warmup_epochs``; set per step. A function of the position in training only, so a trial and
-        the round it stands in for (and a resumed run) see the same rates.
-        """
-        cfg = self.cfg
-        t = epoch + frac
-        f = 0.5 * (1 + math.cos(math.pi * min(t, cfg.epochs) / cfg.epochs))
-        if t < cfg.warmup_epochs:
-            f *= t / cfg.warmup_epochs
-        return cfg.lr * f
+class FeatLoss(Method):
+    """Algorithm 1 as an engine method: the SoftMax + Center + feature losses (Eq. 5 / Eq. 9) per step, the
+    centres updated after each optimiser step, and the adaptive weighting at the rounds' edges.
+
+    Method state (in last.pt, so a resumed run is exact): the network, the centres and the lambdas. The
+    alternative structure's trials run in :meth:`on_epoch_start` of a round's first epoch: from a snapshot
+    of the network, centres, optimiser and AMP scaler, each trial trains the round's epochs with the
+    engine (``ctx.train_epoch``: the same batches, views and rates), its objective is measured, and the
+    snapshot is restored before the round is trained with the updated lambdas. The branched structure
+    updates them in :meth:`on_epoch_end` of a round's last epoch, from its own branches.
+    """
+
+    name = "featloss"
+    # The centres are updated after the optimiser step, from the step's (pre-step) x: the step calls
+    # ctx.backward_step itself, then update_centers.
+    automatic_optimization = False
+
+    def __init__(self, cfg: FeatLossConfig, table_uri: str, features_uri: str | None):
+        self.cfg, self.table_uri, self.features_uri = cfg, table_uri, features_uri
+        self.two = len(cfg.x_features) == 2
+        self.lambdas: tuple[float, float] = (1.0, 1.0)
+        self.active = self.lambdas  # the lambdas the steps use: self.lambdas, or a trial's (1, 0) / (0, 1)
+        if cfg.pretrained:
+            from tasks.models import weights_normalization
+
+            self.mean, self.std = weights_normalization(cfg.pretrained)
+        else:
+            from tasks.data import MEAN, STD
+
+            self.mean, self.std = MEAN, STD
+
+    # -- engine hooks
+    def setup(self, ctx: StepContext) -> None:
+        cfg, dev = self.cfg, ctx.device
+        data = _load(self.table_uri, cfg.load_size, cfg.train_splits, "training")
+        if len(data.labels) < 2:
+            raise ValueError(f"{self.table_uri} has {len(data.labels)} labeled training row(s); at least 2 are needed")
+        bad = data.labels[(data.labels >= cfg.num_classes)]
+        if len(bad):
+            raise ValueError(f"{self.table_uri} has labels >= num_classes={cfg.num_classes} (e.g. {int(bad[0])})")
+        self.val: _Data | None = None
+        if cfg.val_splits:
+            try:
+                self.val = _load(self.table_uri, cfg.load_size, cfg.val_splits, "validation")
+            except ValueError:
+                if cfg.adaptive:
+                    raise ValueError(f"adaptive weighting needs labeled validation rows: {self.table_uri} has none "
+                                     f"in {list(cfg.val_splits)} (set val_splits / --val-split)") from None
+        targets = ({k: _targets(self.features_uri, k, data.ids, self.table_uri) for k in cfg.features}
+                   if cfg.features else {})
+        self.x_dims = [int(targets[k][0].shape[1]) for k in cfg.x_features] or [cfg.fc1_dim]
+        self.z_dim = int(targets[cfg.z_feature][0].shape[1]) if cfg.z_feature else None
+        self.n_train = len(data.labels)
+        self.model = FeatLossNet(cfg.arch, cfg.num_classes, self.x_dims, cfg.structure, self.z_dim)
+        if cfg.pretrained:
+            from tasks.models import build_model, load_pretrained
+
+            base = build_model(cfg.arch, cfg.num_classes)
+            report = load_pretrained(base, cfg.pretrained)
+            self.model.body.load_state_dict(base.body.state_dict())
+            log.info("featloss body from %s: %s", cfg.pretrained, report.summary())
+        ctx.prepare(self.model)
+        # uint8 images at load size, labels and targets on the device: a batch is an index gather there.
+        self.images, self.labels = data.images.to(dev), data.labels.to(dev)
+        self.targets = {k: (a.to(dev), b.to(dev)) for k, (a, b) in targets.items()}
+        self.class_weights = None
+        if cfg.class_balanced:
+            counts = np.bincount(data.labels.numpy(), minlength=cfg.num_classes)
+            self.class_weights = torch.tensor(class_balance_weights(counts), dtype=torch.float32, device=dev)
+        widths = self.x_dims if cfg.structure == "branched" else [sum(self.x_dims)]
+        self.centers = [torch.zeros(cfg.num_classes, w, device=dev) for w in widths]
+        self.optimizers = [build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay,
+                                           cfg.momentum)]
+        self.offsets = five_crop_offsets(cfg.load_size, cfg.input_size)
+        self.bs = min(cfg.batch_size, self.n_train)
+
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.bs  # the last incomplete batch is dropped: batch norm and centers want full ones
+
+    def batches(self, epoch: int, ctx: StepContext) -> Iterable[torch.Tensor]:
+        cfg, dev, n = self.cfg, ctx.device, self.n_train
+        self.model.train()
+        # Seeded by (seed, epoch): a trial and the round it stands in for (and a resumed run) see the same
+        # batches, crops and mirrors.
+        perm = torch.randperm(n, generator=ctx.generator(ORDER)).to(dev)
+        self.crop_idx = torch.randint(0, len(self.offsets) if cfg.five_crop else 1, (n,),
+                                      generator=ctx.generator(TRANSFORM)).to(dev)
+        self.flips = ((torch.rand(n, generator=ctx.generator(FLIP)) < 0.5) if cfg.hflip
+                      else torch.zeros(n, dtype=torch.bool)).to(dev)
+        bs = self.bs
+        return (perm[s * bs:(s + 1) * bs] for s in range(n // bs))
+
+    def training_step(self, idx: torch.Tensor, ctx: StepContext) -> dict[str, Any]:
+        from tasks.data import normalize
+
+        cfg, dev, c = self.cfg, ctx.device, self.cfg.input_size
+        imgs = self.images[idx]
+        crop = self.crop_idx[idx][:, None, None, None]
+        t, l = self.offsets[0]
+        views = imgs[..., t:t + c, l:l + c]
+        if cfg.five_crop:
+            for j, (t, l) in enumerate(self.offsets[1:], start=1):
+                views = torch.where(crop == j, imgs[..., t:t + c, l:l + c], views)
+        fl = self.flips[idx]
+        views = torch.where(fl[:, None, None, None], views.flip(-1), views)
+        x = ctx.prepare_input(normalize(views, self.mean, self.std))
+        y = self.labels[idx]
+        tz = _pick(self.targets, cfg.z_feature, idx, fl, dev) if cfg.z_feature else None
+        tx = [_pick(self.targets, k, idx, fl, dev) for k in cfg.x_features]
+        out = self.model(x)
+        loss, parts = self.loss(out, y, tz, tx, self.active, ctx.epoch)
+        ctx.backward_step(loss, self.optimizers)
+        for k, xk in enumerate(out.xs):
+            update_centers(self.centers[k], xk, y, cfg.center_alpha)
+        return {"loss": loss.detach(), **parts, "samples": len(idx)}
 
     def loss(self, out: NetOut, y: torch.Tensor, tz: torch.Tensor | None, tx: list[torch.Tensor],
-             lambdas: tuple[float, float], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 5 (one x feature) or Eq. 9 plus SoftMax and Center losses (two x features)."""
+             lambdas: tuple[float, float], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 5 (one x feature) or Eq. 9 plus SoftMax and Center losses (two x features); the parts detached."""
         cfg = self.cfg
-        parts: dict[str, float] = {}
-        total = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=y.device)
         for k, (lg, x) in enumerate(zip(out.logits, out.xs)):
             ls = softmax_loss(lg.float(), y, self.class_weights)
             lc = center_loss(x.float(), y, self.centers[k])
             total = total + ls + cfg.lambda_c * lc
-            parts[f"softmax{k}"], parts[f"center{k}"] = float(ls.detach()), float(lc.detach())
+            parts[f"softmax{k}"], parts[f"center{k}"] = ls.detach(), lc.detach()
         if tz is not None:
             lf1 = feature_loss(out.zp.float(), tz, cfg.norm)
             total = total + decayed_weight(cfg.lambda_f1, cfg.rho, epoch) * lf1
-            parts["feature_z"] = float(lf1.detach())
+            parts["feature_z"] = lf1.detach()
         if len(tx) == 1:
             lf2 = feature_loss(out.xs[0].float(), tx[0], cfg.norm)
             total = total + decayed_weight(cfg.lambda_f2, cfg.rho, epoch) * lf2
-            parts["feature_x"] = float(lf2.detach())
+            parts["feature_x"] = lf2.detach()
         elif len(tx) == 2:
             if cfg.structure == "branched":
                 comps = [out.xs[0], out.xs[1]]
@@ -534,60 +678,121 @@ class _Run:
             for k in range(2):
                 lfk = feature_loss(comps[k].float(), tx[k], cfg.norm)
                 total = total + lb * lambdas[k] * lfk
-                parts[f"feature_x{k + 1}"] = float(lfk.detach())
+                parts[f"feature_x{k + 1}"] = lfk.detach()
         return total, parts
 
-    def train_epoch(self, data: _Data, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                    lambdas: tuple[float, float], epoch: int, phase: str,
-                    progress: Callable[[dict[str, Any]], None] | None) -> dict[str, float]:
-        from tasks.data import normalize
+    def _round_epochs(self, epoch: int) -> range:
+        """The epochs of the round ``epoch`` belongs to."""
+        r, re_ = epoch // self.cfg.round_epochs, self.cfg.round_epochs
+        return range(r * re_, min((r + 1) * re_, self.cfg.epochs))
+
+    def _round_end(self, epoch: int) -> bool:
+        return epoch == self._round_epochs(epoch)[-1]
+
+    def on_epoch_start(self, epoch: int, ctx: StepContext) -> dict[str, Any]:
+        cfg = self.cfg
+        rec: dict[str, Any] = {}
+        if self.two and cfg.adaptive and cfg.structure == "alternative" and epoch == self._round_epochs(epoch)[0]:
+            # Algorithm 1, lines 17-21: two trials from M^(t), weights updated, then M^(t+1) with them.
+            t0 = time.perf_counter()
+            snap = self._snapshot(ctx)
+            objs, accs = [], []
+            for k, lam in enumerate(((1.0, 0.0), (0.0, 1.0))):
+                self._restore(snap, ctx)
+                self.active = lam
+                for e in self._round_epochs(epoch):
+                    ctx.train_epoch(e, phase=f"trial {k + 1}")
+                o, a = self._objectives(ctx, mask_components=True)
+                objs.append(o[k])
+                accs.append(a[k])
+            self._restore(snap, ctx)
+            before = self.lambdas
+            self.lambdas = amplify_weights(before, objs[0], objs[1], cfg.gamma, cfg.eps)
+            rec.update(obj=objs, val_acc_k=accs, lambdas_before=list(before),
+                       trial_seconds=time.perf_counter() - t0)
+        self.active = self.lambdas
+        rec["lambdas"] = list(self.lambdas) if self.two else None
+        return rec
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, Any] | None:
+        cfg = self.cfg
+        if self.two and cfg.adaptive and cfg.structure == "branched" and self._round_end(epoch):
+            # Algorithm 1, lines 14-15: the round's own branches give obj_1, obj_2 for the next round.
+            objs, accs = self._objectives(ctx, mask_components=False)
+            self.lambdas = amplify_weights(self.lambdas, objs[0], objs[1], cfg.gamma, cfg.eps)
+            return {"obj": objs, "val_acc_k": accs}
+        return None
+
+    def validate(self, ctx: StepContext) -> dict[str, Any] | None:
+        if self.val is None or not self._round_end(ctx.epoch):
+            return None
+        pred, centre, _ = _predict(self.model, self.val.images, self.cfg, ctx.device, mean=self.mean, std=self.std)
+        return {"val_accuracy": float((pred == self.val.labels).float().mean()),
+                "val_accuracy_center": float((centre == self.val.labels).float().mean())}
+
+    def _objectives(self, ctx: StepContext, mask_components: bool) -> tuple[list[float], list[float]]:
+        """(obj_k, acc_k) of Eq. 11 for both x features: branch k, or component k with the other masked."""
+        objs, accs = [], []
+        for k in range(2):
+            if mask_components:
+                pred, _, xs = _predict(self.model, self.val.images, self.cfg, ctx.device, mask=k, mean=self.mean,
+                                       std=self.std)
+                xk = self.model.component(xs[0], k)
+            else:
+                pred, _, xs = _predict(self.model, self.val.images, self.cfg, ctx.device, branch=k, mean=self.mean,
+                                       std=self.std)
+                xk = xs[k]
+            acc = float((pred == self.val.labels).float().mean())
+            accs.append(acc)
+            objs.append(sparsity_objective(acc, xk, self.cfg.kappa))
+        return objs, accs
+
+    def _snapshot(self, ctx: StepContext) -> dict[str, Any]:
+        return copy.deepcopy({"method": self.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                              "scaler": ctx.scaler.state_dict()})
+
+    def _restore(self, snap: dict[str, Any], ctx: StepContext) -> None:
+        # Copies: Optimizer.load_state_dict keeps the given tensors (momentum buffers) as its own, and a trial
+        # must not write into the snapshot the next trial and the round start from.
+        self.load_state_dict(snap["method"])
+        for opt, st in zip(self.optimizers, snap["optimizers"]):
+            opt.load_state_dict(copy.deepcopy(st))
+        if snap["scaler"]:
+            ctx.scaler.load_state_dict(snap["scaler"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "centers": list(self.centers), "lambdas": list(self.lambdas)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        dev = self.centers[0].device
+        self.centers = [c.clone().to(dev) for c in state["centers"]]
+        self.lambdas = (float(state["lambdas"][0]), float(state["lambdas"][1]))
+        self.active = self.lambdas
+
+    def final_metrics(self, history: list[dict[str, Any]], ctx: StepContext) -> dict[str, Any]:
+        final = dict(history[-1])
+        val: dict[str, Any] = {}
+        if self.val is not None:
+            pred, _, _ = _predict(self.model, self.val.images, self.cfg, ctx.device, mean=self.mean, std=self.std)
+            val = _metrics(pred, self.val.labels.cpu(), self.cfg.num_classes)
+        final.update(val=val, lambdas=list(self.lambdas) if self.two else None, n_train=self.n_train)
+        return final
+
+    def export(self, ctx: StepContext) -> tuple[nn.Module, dict[str, Any]]:
+        from storage.schema import CLASSES
 
         cfg = self.cfg
-        self.model.train()
-        # Seeded by (seed, epoch): a trial and the round it stands in for see the same batches and views.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        n = len(data.labels)
-        perm = torch.randperm(n, generator=gen)
-        offsets = five_crop_offsets(data.images.shape[-1], cfg.input_size)
-        crop_idx = torch.randint(0, len(offsets) if cfg.five_crop else 1, (n,), generator=gen)
-        flips = (torch.rand(n, generator=gen) < 0.5) if cfg.hflip else torch.zeros(n, dtype=torch.bool)
-        bs = min(cfg.batch_size, n)
-        steps = n // bs  # drop the last incomplete batch: batch norm and centers want full batches
-        sums: dict[str, float] = {}
-        for s in range(steps):
-            for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(epoch, (s + 0.5) / steps)  # the step's midpoint: never 0
-            idx = perm[s * bs:(s + 1) * bs]
-            imgs = data.images[idx]
-            views = torch.empty((len(idx), 3, cfg.input_size, cfg.input_size), dtype=imgs.dtype)
-            for j, (t, l) in enumerate(offsets if cfg.five_crop else offsets[:1]):
-                sel = torch.nonzero(crop_idx[idx] == j).flatten()
-                if len(sel):
-                    views[sel] = imgs[sel, :, t:t + cfg.input_size, l:l + cfg.input_size]
-            fl = flips[idx]
-            views = torch.where(fl[:, None, None, None], views.flip(-1), views)
-            x = normalize(views.to(self.device))
-            y = data.labels[idx].to(self.device)
-
-            tz = _pick(targets, cfg.z_feature, idx, fl, self.device) if cfg.z_feature else None
-            tx = [_pick(targets, k, idx, fl, self.device) for k in cfg.x_features]
-            out = self.model(x)
-            loss, parts = self.loss(out, y, tz, tx, lambdas, epoch)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"the loss became {float(loss.detach())} in epoch {epoch + 1} ({parts}); "
-                                         "lower the learning rate or the feature-loss weights")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            for k, xk in enumerate(out.xs):
-                update_centers(self.centers[k], xk, y, cfg.center_alpha)
-            parts["loss"] = float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if progress is not None:
-                progress({"event": "step", "phase": phase, "epoch": epoch + 1, "epochs": cfg.epochs,
-                          "step": s + 1, "steps": steps, "loss": parts["loss"]})
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        k = cfg.num_classes
+        return self.model, {
+            "model": {"builder": "tasks.featloss:network_from_meta"}, "task": "classification", "method": self.name,
+            "arch": cfg.arch, "num_classes": k,
+            "classes": list(CLASSES[:k]) if k <= len(CLASSES) else [str(i) for i in range(k)],
+            "structure": cfg.structure, "x_dims": list(self.x_dims), "z_dim": self.z_dim,
+            "input_size": cfg.input_size, "load_size": cfg.load_size, "mean": list(self.mean), "std": list(self.std),
+            "lambdas": list(self.lambdas) if self.two else None, "table_uri": self.table_uri,
+            "features_uri": self.features_uri, "n_train": self.n_train,
+        }
 
 
 def _pick(targets: dict[str, tuple[torch.Tensor, torch.Tensor]], kind: str, idx: torch.Tensor, flipped: torch.Tensor,
@@ -600,10 +805,12 @@ def _pick(targets: dict[str, tuple[torch.Tensor, torch.Tensor]], kind: str, idx:
 @torch.no_grad()
 def _predict(model: FeatLossNet, images: torch.Tensor, cfg: FeatLossConfig, device: torch.device, *,
              vote_views: bool = True, mask: int | None = None, branch: int | None = None,
-             batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(voted labels, centre-crop labels, centre-crop x per branch) of uint8 images at load size."""
-    from tasks.data import normalize
+             batch_size: int = 256, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(voted labels, centre-crop labels, centre-crop x per branch) of uint8 images at load size, on the CPU."""
+    from tasks.data import MEAN, STD, normalize
 
+    was_training = model.training
     model.eval()
     offsets = five_crop_offsets(images.shape[-1], cfg.input_size)
     if not (cfg.five_crop and vote_views):
@@ -612,13 +819,14 @@ def _predict(model: FeatLossNet, images: torch.Tensor, cfg: FeatLossConfig, devi
     for i in range(0, len(images), batch_size):
         views = crop_views(images[i:i + batch_size], cfg.input_size, offsets, mirror=cfg.hflip and vote_views)
         v, nb = views.shape[0], views.shape[1]
-        flat = normalize(views.reshape(v * nb, *views.shape[2:]).to(device))
-        out = model(flat, mask=mask)
+        flat = normalize(views.reshape(v * nb, *views.shape[2:]).to(device), mean or MEAN, std or STD)
+        out = model._parts(flat, mask=mask)
         ps = [F.softmax(lg.float(), dim=1) for lg in out.logits]
         p = (ps[branch] if branch is not None else torch.stack(ps).mean(dim=0)).reshape(v, nb, -1)
         voted.append(vote(p).cpu())
         centre.append(p[0].argmax(dim=1).cpu())
-        xs.append([x.reshape(v, nb, -1)[0].cpu() for x in out.xs])
+        xs.append([x.float().reshape(v, nb, -1)[0].cpu() for x in out.xs])
+    model.train(was_training)
     return (torch.cat(voted), torch.cat(centre),
             [torch.cat([b[k] for b in xs]) for k in range(len(xs[0]))] if xs else [])
 
@@ -633,172 +841,61 @@ def _metrics(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict
     return EvalResult.from_confusion(conf, classes).to_dict()
 
 
-def _objectives(run: _Run, val: _Data, cfg: FeatLossConfig, mask_components: bool) -> tuple[list[float], list[float]]:
-    """(obj_k, acc_k) of Eq. 11 for both x features: branch k, or component k with the other masked."""
-    objs, accs = [], []
-    for k in range(2):
-        if mask_components:
-            pred, _, xs = _predict(run.model, val.images, cfg, run.device, mask=k)
-            xk = run.model.component(xs[0], k)
-        else:
-            pred, _, xs = _predict(run.model, val.images, cfg, run.device, branch=k)
-            xk = xs[k]
-        acc = float((pred == val.labels).float().mean())
-        accs.append(acc)
-        objs.append(sparsity_objective(acc, xk, cfg.kappa))
-    return objs, accs
-
-
 def train_featloss(
     cfg: FeatLossConfig,
     table_uri: str,
     features_uri: str | None,
     out_uri: str,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
 ) -> FeatLossResult:
-    """Train one variant on the ``cfg.train_splits`` rows of ``table_uri`` (Algorithm 1).
+    """Train one variant on the ``cfg.train_splits`` rows of ``table_uri`` (Algorithm 1), with tasks.engine.
 
     ``features_uri``: the handcrafted-features artifact of the same table (tasks.handcrafted), needed
     when the config uses a feature. Validation rows (``cfg.val_splits``) drive adaptive weighting
-    (required then) and are logged per round otherwise. Writes ``model.pt`` + ``featloss.json`` to
-    ``out_uri``; ``last.pt`` after every round lets a rerun with the same config resume.
+    (required then) and are evaluated after every round otherwise. Writes the engine's layout to
+    ``out_uri``: ``model.pt`` + ``model.json`` (a FeatLossNet, tasks.checkpoint), ``metrics.json``, and
+    ``last.pt`` after every epoch, from which a rerun continues when the config and the digests of the
+    table, the features (and pretrained weights) are the same (else tasks.engine.ResumeMismatch, naming
+    what differs); ``resume=False`` starts over. ``progress`` gets the engine's events: {"event": "step",
+    "phase": "train" or "trial k", epoch, epochs, step, steps, loss, lr, ...} every ``cfg.log_every`` steps
+    and {"event": "epoch", ...} with each epoch's record.
     """
-    from storage.artifact import join
-    from tasks.checkpoint import (
-        atomic_write_bytes,
-        dumps_json,
-        load_training_state,
-        save_training_state,
-    )
+    from storage.artifact import Artifact
 
-    t0 = time.time()
-    device = resolve_device(cfg.device)
     if cfg.features and not features_uri:
         raise ValueError(f"this run uses the {', '.join(cfg.features)} feature(s): give the handcrafted-features "
                          "artifact (`fermine featloss features TABLE FEATURES`)")
-    data = _load(table_uri, cfg.load_size, cfg.train_splits, "training")
-    if len(data.labels) < 2:
-        raise ValueError(f"{table_uri} has {len(data.labels)} labeled training row(s); at least 2 are needed")
-    bad = data.labels[(data.labels >= cfg.num_classes)]
-    if len(bad):
-        raise ValueError(f"{table_uri} has labels >= num_classes={cfg.num_classes} (e.g. {int(bad[0])})")
-    val: _Data | None = None
-    if cfg.val_splits:
-        try:
-            val = _load(table_uri, cfg.load_size, cfg.val_splits, "validation")
-        except ValueError:
-            if cfg.adaptive:
-                raise ValueError(f"adaptive weighting needs labeled validation rows: {table_uri} has none in "
-                                 f"{list(cfg.val_splits)} (set val_splits / --val-split)") from None
-    targets = {k: _targets(features_uri, k, data.ids, table_uri) for k in cfg.features} if cfg.features else {}
-    x_dims = [int(targets[k][0].shape[1]) for k in cfg.x_features] or [cfg.fc1_dim]
-    z_dim = int(targets[cfg.z_feature][0].shape[1]) if cfg.z_feature else None
-    cw = None
-    if cfg.class_balanced:
-        counts = np.bincount(data.labels.numpy(), minlength=cfg.num_classes)
-        cw = torch.tensor(class_balance_weights(counts), dtype=torch.float32, device=device)
-    run = _Run(cfg, x_dims, z_dim, device, cw)
-    two = len(cfg.x_features) == 2
-    lambdas: tuple[float, float] = (1.0, 1.0)
-    history: list[dict[str, Any]] = []
-    n_rounds = math.ceil(cfg.epochs / cfg.round_epochs)
-    start = 0
-    state = load_training_state(out_uri)
-    if state is not None:
-        if state.get("config") != cfg.to_dict():
-            raise ValueError(f"{out_uri} holds a featloss run with another configuration; use another output folder, "
-                             "or delete it to start over")
-        run.load(state)
-        start, lambdas, history = int(state["round"]), tuple(state["lambdas"]), list(state["history"])
-        log.info("resuming %s at round %d/%d", out_uri, start, n_rounds)
-
-    def train_round(r: int, lam: tuple[float, float], phase: str) -> dict[str, float]:
-        rows = [run.train_epoch(data, targets, lam, e, phase, progress)
-                for e in range(r * cfg.round_epochs, min((r + 1) * cfg.round_epochs, cfg.epochs))]
-        return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
-
-    for r in range(start, n_rounds):
-        entry: dict[str, Any] = {"round": r + 1, "epochs": [r * cfg.round_epochs + 1,
-                                                             min((r + 1) * cfg.round_epochs, cfg.epochs)]}
-        if two and cfg.adaptive and cfg.structure == "alternative":
-            # Algorithm 1, lines 17-21: two trials from M^(t), weights updated, then M^(t+1) with them.
-            snap = run.state()
-            objs, accs = [], []
-            for k, lam in enumerate(((1.0, 0.0), (0.0, 1.0))):
-                run.load(snap)
-                train_round(r, lam, f"trial {k + 1}")
-                o, a = _objectives(run, val, cfg, mask_components=True)
-                objs.append(o[k])
-                accs.append(a[k])
-            entry.update(obj=objs, val_acc_k=accs, lambdas_before=list(lambdas))
-            lambdas = amplify_weights(lambdas, objs[0], objs[1], cfg.gamma, cfg.eps)
-            run.load(snap)
-        entry["lambdas"] = list(lambdas) if two else None
-        entry.update(train_round(r, lambdas, "train"))
-        if two and cfg.adaptive and cfg.structure == "branched":
-            # Algorithm 1, lines 14-15: the round's own branches give obj_1, obj_2 for the next round.
-            objs, accs = _objectives(run, val, cfg, mask_components=False)
-            entry.update(obj=objs, val_acc_k=accs)
-            lambdas = amplify_weights(lambdas, objs[0], objs[1], cfg.gamma, cfg.eps)
-        if val is not None:
-            pred, centre, _ = _predict(run.model, val.images, cfg, device)
-            entry["val_accuracy"] = float((pred == val.labels).float().mean())
-            entry["val_accuracy_center"] = float((centre == val.labels).float().mean())
-        entry["seconds"] = time.time() - t0
-        history.append(entry)
-        log.info("round %d: %s", r + 1, entry)
-        if progress is not None:
-            progress({"event": "round", **entry})
-        save_training_state(out_uri, {**run.state(), "round": r + 1, "lambdas": list(lambdas), "history": history,
-                                      "config": cfg.to_dict()})
-
-    val_metrics: dict[str, Any] = {}
-    if val is not None:
-        pred, centre, _ = _predict(run.model, val.images, cfg, device)
-        val_metrics = _metrics(pred, val.labels, cfg.num_classes)
-    import io
-
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, buf)
-    atomic_write_bytes(join(out_uri, MODEL_FILE), buf.getvalue())
-    from storage.schema import CLASSES
-    from tasks.data import MEAN, STD
-
-    seconds = time.time() - t0
-    meta = {
-        "task": "featloss", "arch": cfg.arch, "num_classes": cfg.num_classes,
-        "classes": list(CLASSES[:cfg.num_classes]), "structure": cfg.structure, "x_dims": x_dims, "z_dim": z_dim,
-        "input_size": cfg.input_size, "load_size": cfg.load_size, "mean": list(MEAN), "std": list(STD),
-        "lambdas": list(lambdas) if two else None, "history": history, "val": val_metrics,
-        "config": cfg.to_dict(), "table_uri": table_uri, "features_uri": features_uri, "n_train": len(data.labels),
-        "seconds": seconds,
-    }
-    atomic_write_bytes(join(out_uri, META_FILE), dumps_json(meta).encode())  # written last: marks the run done
-    return FeatLossResult(out_uri, lambdas if two else None, history, val_metrics, len(data.labels), seconds)
+    features_uri = features_uri if cfg.features else None
+    inputs = {"table": Artifact(table_uri).digest}
+    if features_uri:
+        inputs["features"] = Artifact(features_uri).digest
+    if cfg.pretrained:
+        inputs["pretrained"] = weights_digest(cfg.pretrained)
+    method = FeatLoss(cfg, table_uri, features_uri)
+    res = fit(method, out_uri, config=cfg.to_dict(), inputs=inputs, log_every=cfg.log_every, resume=resume,
+              progress=progress, **cfg.fit_options())
+    final = res.metrics
+    lambdas = tuple(final["lambdas"]) if final.get("lambdas") else None
+    return FeatLossResult(out_uri, lambdas, round_history(res.history, cfg.round_epochs), final.get("val") or {},
+                          int(final["n_train"]), float(final.get("train_seconds", 0.0)), list(res.history))
 
 
 # ---------------------------------------------------------------- loading and evaluation
 
 
 def load_featloss_model(uri: str, device: str | torch.device = "cpu") -> tuple[FeatLossNet, dict[str, Any]]:
-    """(model in eval mode, meta) of a finished ``train_featloss`` output folder."""
-    import fsspec
+    """(model in eval mode, meta) of a finished ``train_featloss`` output folder (its model.json / model.pt);
+    the model's forward returns every output (NetOut)."""
+    from tasks.checkpoint import load_checkpoint, read_meta
 
-    from storage.artifact import join
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{path.rstrip('/')}/{META_FILE}"):
-        raise FileNotFoundError(f"no finished featloss model at {uri} ({META_FILE} missing): train one with "
-                                "`fermine featloss train`, or rerun it to resume")
-    with fsspec.open(join(uri, META_FILE), "r") as f:
-        meta = json.load(f)
-    with fsspec.open(join(uri, MODEL_FILE), "rb") as f:
-        import io
-
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    model = FeatLossNet(meta["arch"], int(meta["num_classes"]), meta["x_dims"], meta["structure"], meta["z_dim"])
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
+    meta = read_meta(uri)
+    if meta.get("method") != "featloss":
+        raise ValueError(f"{uri} holds a {meta.get('method') or 'supervised'} model, not a feature-loss one "
+                         "(`fermine featloss train`)")
+    model, meta = load_checkpoint(uri, device)
+    model.output = "parts"
+    return model, meta
 
 
 def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("test",),
@@ -810,10 +907,9 @@ def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("
     """
     dev = resolve_device(device)
     model, meta = load_featloss_model(model_uri, dev)
-    names = {f.name for f in dataclasses.fields(FeatLossConfig)}
-    cfg = FeatLossConfig(**{k: v for k, v in meta["config"].items() if k in names})
-    data = _load(table_uri, cfg.load_size, splits, "test")
-    pred, centre, _ = _predict(model, data.images, cfg, dev)
+    cfg = FeatLossConfig.from_dict(meta["config"])
+    data = _load(table_uri, int(meta.get("load_size") or cfg.load_size), splits, "test")
+    pred, centre, _ = _predict(model, data.images, cfg, dev, mean=meta.get("mean"), std=meta.get("std"))
     out = _metrics(pred, data.labels, cfg.num_classes)
     c = _metrics(centre, data.labels, cfg.num_classes)
     out.update(accuracy_center=c["accuracy"], mean_class_accuracy_center=c["mean_class_accuracy"],

@@ -29,20 +29,25 @@ Mean Teacher, see :func:`mean_teacher_config`), and the confidence-estimator ext
 Section 4.6 (``confidence_estimator=True``): a confidence head (DeVries & Taylor 2018, the paper's
 [55]) lets large-loss samples whose teacher confidence exceeds ``confidence_threshold`` be kept.
 
-Outputs under ``out_uri``: ``teacher/`` (checkpoint of the chosen teacher, readable by
-tasks.checkpoint / tasks.evaluate), ``filtered/`` (per labeled sample: how often the teachers
-filtered it out, with its clean label when the table has one), ``pt.json`` (config, label-noise
-spec, history, metrics), and ``last.pt`` (the resumable state, rewritten after every epoch).
+The loop, schedule, seeding, resume and checkpoint are the engine's (tasks.engine.fit); this module
+holds the paper's step (:func:`pt_step` and the pure functions it uses), the plug-in
+(:class:`ProgressiveTeacher`) and :func:`train_pt`, its entry point.
+
+Outputs under ``out_uri`` (the engine's layout, tasks.engine.loop): ``model.pt`` + ``model.json``
+(the chosen teacher, an ordinary checkpoint readable by tasks.checkpoint / tasks.evaluate),
+``last.pt`` (the resumable state, rewritten after every epoch), ``metrics.json``; and PT's own
+``filtered/`` (per labeled sample: how often the teachers filtered it out, with its clean label when
+the table has one) and ``pt.json`` (label-noise spec, history, metrics: :func:`load_result`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -52,37 +57,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from storage.artifact import Artifact, ArtifactWriter, _fs, join
-from tasks.checkpoint import (atomic_write_bytes, dumps_json, load_training_state, save_checkpoint,
-                              save_training_state)
+from tasks.checkpoint import atomic_write_bytes, dumps_json, weights_digest
 from tasks.data import MEAN, STD, batch_to_imageset, load_image_set, normalize
+from tasks.engine import Recipe, StepContext, build_optimizer, fit
+from tasks.engine.method import Method
+from tasks.engine.seeding import FLIP, ORDER
 from tasks.label_noise import CLEAN_LABEL, noise_spec
 from tasks.models import FERNet, build_model, load_pretrained
 
 GUIDANCE = ("cross", "same")
 RATIOS = ("progressive", "fixed")
-TEACHER_DIR = "teacher"
 FILTERED_DIR = "filtered"
 SUMMARY_FILE = "pt.json"
+POOL = 16  # seeding purpose of the unlabeled pool's order (tasks.engine.seeding: methods pick from 16 up)
 
 __all__ = [
-    "PTConfig", "PTResult", "StepInfo", "consistency_weight", "ema_alpha", "ema_update", "finetune_config",
-    "mean_teacher_config",
+    "PTConfig", "PTResult", "ProgressiveTeacher", "StepInfo", "consistency_weight", "ema_alpha", "ema_update",
+    "finetune_config", "mean_teacher_config",
     "resolve_forget_rate", "routing", "selection_ratio", "small_loss_selection", "pt_step", "train_pt",
     "load_result",
 ]
 
 
 @dataclass(frozen=True)
-class PTConfig:
+class PTConfig(Recipe):
     """Progressive Teacher settings. Defaults are the paper's (Section 4.2) unless marked otherwise.
 
+    The shared fields are tasks.engine.Recipe's (same names in every method's config):
     arch / input_size: network and image side. The paper uses an ImageNet/face-pretrained ResNet-18 at
         112 px; fermine's default is the CPU-sized ``small_cnn`` at 64 px, like tasks.train.
     pretrained: local weights file or checkpoint folder for both pairs' backbones (optional).
     epochs (N): 6. batch_size: 200 images per mini-batch, ``labeled_fraction`` = 1/4 of them labeled,
         the rest drawn from the unlabeled pool (all labeled when no pool is given).
-    lr, lr_steps, lr_gamma: 0.01, multiplied by 0.1 after epoch 3.
-    momentum, weight_decay: SGD, 0.9 and 5e-4.
+    lr, lr_schedule, lr_milestones, lr_gamma: 0.01, multiplied by 0.1 after epoch 3 ("multistep").
+    optimizer, momentum, weight_decay: SGD, 0.9 and 5e-4.
+    seed: the run's seed: initialisation, batches, flips and pool order derive from it (tasks.engine.seeding);
+        the pairs are built one after the other from it, so they start from different initialisations.
+    device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ... amp: fp16 autocast on CUDA.
+
+    PT's own fields:
     forget_rate (r): fraction of each batch's labeled samples that is finally filtered out. None = the
         paper's rule from the labeled table's label-noise record: 0.05 for tables without injected
         noise, noise rate + ``forget_margin`` for symmetric noise, 0.05 (rate <= 10%) or 0.1 for
@@ -109,27 +122,24 @@ class PTConfig:
         network, teachers included), so BatchNorm normalises each part with its own batch statistics
         instead of statistics mixed from both (fermine's option, not the paper's: useful when the pool's
         distribution differs from the labeled set's; both parts then need >= 2 images).
-    seed: pair k is initialised from ``seed + k``; batches, flips and pool order derive from it.
-    device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     train_splits: splits of the labeled table used for training. pool_splits: splits of the pool table
         used as unlabeled data (None = every row; any labels there are ignored).
     val_splits: splits of the validation table (``val_uri`` of :func:`train_pt`), when one is given.
     pool_cache_rows: pools up to this many rows are decoded once and kept in memory; larger pools are
         streamed shard by shard through a shuffle buffer of this many images.
+    log_every: steps between progress events (each costs a device sync).
     """
 
-    arch: str = "small_cnn"
-    num_classes: int = 7
-    input_size: int = 64
-    pretrained: str | None = None
     epochs: int = 6
     batch_size: int = 200
-    labeled_fraction: float = 0.25
     lr: float = 0.01
-    lr_steps: tuple[int, ...] = (3,)
+    lr_schedule: str = "multistep"
+    lr_milestones: tuple[int, ...] = (3,)
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    num_classes: int = 7
+    labeled_fraction: float = 0.25
     forget_rate: float | None = None
     forget_margin: float = 0.1
     turn_iters: int = 300
@@ -145,14 +155,14 @@ class PTConfig:
     confidence_budget: float = 0.3
     hflip: bool = True
     split_bn: bool = False
-    seed: int = 0
-    device: str = "auto"
     train_splits: tuple[str, ...] = ("train",)
     pool_splits: tuple[str, ...] | None = None
     val_splits: tuple[str, ...] = ("val",)
     pool_cache_rows: int = 20000
+    log_every: int = 10
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if self.guidance not in GUIDANCE:
             problems.append(f"guidance={self.guidance!r} must be one of {', '.join(GUIDANCE)}")
@@ -178,19 +188,17 @@ class PTConfig:
                             f"of each part); batch_size={self.batch_size} with labeled_fraction="
                             f"{self.labeled_fraction} gives {self.labeled_per_batch} and "
                             f"{self.batch_size - self.labeled_per_batch}")
-        if self.epochs < 1:
-            problems.append(f"epochs={self.epochs} must be >= 1")
         if self.turn_iters < 1:
             problems.append(f"turn_iters (T)={self.turn_iters} must be >= 1")
         if not 0.0 <= self.ema_max < 1.0:
             problems.append(f"ema_max={self.ema_max} must be in [0, 1)")
         if not 0.0 < self.confidence_threshold < 1.0:
             problems.append(f"confidence_threshold={self.confidence_threshold} must be in (0, 1)")
-        if self.lr <= 0:
-            problems.append(f"lr={self.lr} must be > 0")
         if self.consistency_max < 0 or self.consistency_shape < 0:
             problems.append(f"consistency_max={self.consistency_max} and consistency_shape={self.consistency_shape} "
                             "must be >= 0")
+        if self.log_every < 1:
+            problems.append(f"log_every={self.log_every} must be >= 1")
         if problems:
             raise ValueError("invalid Progressive Teacher config: " + "; ".join(problems))
 
@@ -206,21 +214,13 @@ def mean_teacher_config(cfg: PTConfig) -> PTConfig:
 
 
 def finetune_config(cfg: PTConfig):
-    """The fine-tune baseline matched to ``cfg`` (tasks.train): same network, epochs, lr schedule and labeled
-    images per step, without the pool, the teachers or the sample selection."""
+    """The fine-tune baseline matched to ``cfg`` (tasks.train): same network, epochs, optimiser, lr schedule
+    and labeled images per step, without the pool, the teachers or the sample selection."""
     from tasks.train import TrainConfig
 
-    # tasks.train decays every lr_step epochs (StepLR); PT decays after each epoch listed in lr_steps.
-    step = cfg.lr_steps[0] if cfg.lr_steps else cfg.epochs
-    pt_decays = sorted(s for s in cfg.lr_steps if s < cfg.epochs)
-    if pt_decays != list(range(step, cfg.epochs, step)):
-        raise ValueError(f"the fine-tune baseline decays the lr every {step} epochs, which does not match PT's lr steps "
-                         f"{list(cfg.lr_steps)} over {cfg.epochs} epochs; use one step s with 2 * s >= epochs")
-    return TrainConfig(arch=cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, epochs=cfg.epochs,
-                       batch_size=cfg.labeled_per_batch, lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, lr_step=step,
-                       lr_gamma=cfg.lr_gamma, hflip=cfg.hflip, seed=cfg.seed, device=cfg.device,
-                       pretrained=cfg.pretrained, train_splits=tuple(cfg.train_splits))
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)}
+    return TrainConfig(**{**shared, "batch_size": cfg.labeled_per_batch}, num_classes=cfg.num_classes,
+                       hflip=cfg.hflip, train_splits=tuple(cfg.train_splits))
 
 
 # ---------------------------------------------------------------- the paper's formulas
@@ -330,9 +330,10 @@ class PTNet(nn.Module):
 
 
 def _build_pair_nets(cfg: PTConfig, device: torch.device) -> tuple[list[PTNet], list[PTNet]]:
+    """The pairs' students and their teachers (frozen copies), built one after the other from torch's
+    generator (seeded by the engine), so every pair starts from its own initialisation."""
     students, teachers = [], []
     for k in range(cfg.n_pairs):
-        torch.manual_seed(cfg.seed + k)  # different initialisation per pair
         net = build_model(cfg.arch, cfg.num_classes)
         if cfg.pretrained:
             # A backbone without a (7-class) head is the expected case -- each pair keeps its own freshly
@@ -346,15 +347,6 @@ def _build_pair_nets(cfg: PTConfig, device: torch.device) -> tuple[list[PTNet], 
         students.append(s)
         teachers.append(t)
     return students, teachers
-
-
-def _make_optimizer(cfg: PTConfig, student: PTNet) -> torch.optim.Optimizer:
-    return torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def lr_at(cfg: PTConfig, epoch: int) -> float:
-    """Step schedule: lr * gamma^(number of lr_steps <= epoch), epoch 0-based."""
-    return cfg.lr * cfg.lr_gamma ** sum(1 for s in cfg.lr_steps if epoch >= s)
 
 
 def _forward(net: PTNet, x: torch.Tensor, nl: int, split_bn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -412,10 +404,13 @@ def pt_step(
     forget_rate: float,
     gen: torch.Generator,
     conf_lambda: list[float] | None = None,
+    backward_step: Callable[[torch.Tensor, torch.optim.Optimizer], None] | None = None,
 ) -> StepInfo:
     """One iteration of Algorithm 1 (lines 3-9) on uint8 images ``xl`` (labeled, labels ``yl``) + ``xu``.
 
-    ``t`` is the iteration number after incrementing (1 for the first batch).
+    ``t`` is the iteration number after incrementing (1 for the first batch). ``backward_step(loss, opt)``
+    updates one student (zero_grad, backward, step; default: exactly that, unscaled); the engine passes
+    ``ctx.backward_step`` so AMP's loss scaling and gradient clipping apply.
     """
     x = xl if xu is None or xu.shape[0] == 0 else torch.cat([xl, xu])
     nl = xl.shape[0]
@@ -468,11 +463,14 @@ def pt_step(
             l_task = -torch.log(c * p + (1 - c) + 1e-12).mean()
             l_pen = -torch.log(c).mean()
             loss = loss + l_task + conf_lambda[j] * l_pen
-            conf_l.append(float(l_task))
+            conf_l.append(float(l_task.detach()))
             conf_lambda[j] = conf_lambda[j] / 0.99 if float(l_pen) > cfg.confidence_budget else conf_lambda[j] / 1.01
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if backward_step is None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            backward_step(loss, opt)
         sup_l.append(float(ls.detach()))
         cons_l.append(float(lu.detach()))
         used.append(m)
@@ -558,17 +556,12 @@ def _clean_labels(uri: str, splits: Sequence[str], ids: Sequence[str]) -> np.nda
 
 @dataclass
 class PTResult:
-    checkpoint_uri: str
+    checkpoint_uri: str  # the run folder: model.pt + model.json hold the chosen teacher
     filtered_uri: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     forget_rate: float
     label_noise: dict[str, Any] | None
-
-
-def _config_dict(cfg: PTConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def _filter_stats(filtered: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
@@ -582,6 +575,255 @@ def _filter_stats(filtered: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
     }
 
 
+def _method_name(cfg: PTConfig) -> str:
+    if cfg.n_pairs == 1 and cfg.forget_rate == 0:
+        return "mean_teacher"
+    return "progressive_teacher"
+
+
+class ProgressiveTeacher(Method):
+    """Algorithm 1 on the engine: ``n_pairs`` students (the optimised networks) and their EMA teachers.
+
+    Method state (``last.pt``): the networks, the per-sample filter records (all epochs, and the last
+    epoch's with the teachers' losses), the teachers' agreement on the last epoch, the confidence
+    penalties' lambdas and the chosen teacher (with its weights when it is chosen on validation data).
+    """
+
+    # The consistency ramp and the last epoch's filter records depend on the run's length.
+    extendable = False
+
+    automatic_optimization = False  # pt_step updates each student in turn (through ctx.backward_step)
+
+    def __init__(self, cfg: PTConfig, labeled_uri: str, unlabeled_uri: str | None, out_uri: str, *,
+                 val_uri: str | None = None, inputs: dict[str, str] | None = None):
+        self.cfg, self.labeled_uri, self.unlabeled_uri, self.val_uri = cfg, labeled_uri, unlabeled_uri, val_uri
+        self.out_uri, self.inputs = out_uri.rstrip("/"), dict(inputs or {})  # filtered/ is written there
+        self.name = _method_name(cfg)
+        self.last_info: StepInfo | None = None
+
+    # -- engine hooks
+    def setup(self, ctx: StepContext) -> None:
+        cfg = self.cfg
+        self.students, self.teachers = _build_pair_nets(cfg, ctx.device)
+        for net in (*self.students, *self.teachers):
+            ctx.prepare(net)
+        self.optimizers = [build_optimizer(cfg.optimizer, s.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+                           for s in self.students]
+        labeled = load_image_set(self.labeled_uri, cfg.input_size, splits=list(cfg.train_splits))
+        keep = (labeled.labels >= 0) & (labeled.labels < cfg.num_classes)
+        self.n_unusable = int((~keep).sum())
+        if not bool(keep.any()):
+            raise ValueError(f"{self.labeled_uri} has no labeled rows in split(s) {list(cfg.train_splits)} "
+                             f"(labels 0..{cfg.num_classes - 1}); PT needs labeled training data")
+        self.labeled = labeled.subset(torch.nonzero(keep).flatten())
+        self.clean = _clean_labels(self.labeled_uri, cfg.train_splits, self.labeled.ids)
+        self.spec = noise_spec(self.labeled_uri)
+        self.r = resolve_forget_rate(cfg.forget_rate, self.spec, cfg.forget_margin)
+        self.pool = (_Pool(self.unlabeled_uri, cfg.input_size, cfg.pool_splits, cfg.pool_cache_rows)
+                     if self.unlabeled_uri else None)
+        self.val = None
+        if self.val_uri:
+            val = load_image_set(self.val_uri, cfg.input_size, splits=list(cfg.val_splits))
+            self.val = val.subset(torch.nonzero(val.labels >= 0).flatten())
+        NL, P = len(self.labeled), cfg.n_pairs
+        self.nl = min(cfg.labeled_per_batch, NL)
+        self.nu = (cfg.batch_size - self.nl) if self.pool is not None else 0
+        self.iters = max(1, NL // self.nl)
+        self.rec = {k: np.zeros((P, NL), dtype=np.int64) for k in ("decisions", "filtered", "conf_kept")}
+        self._reset_last()
+        self.conf_lambda = [0.1] * P
+        self.best: dict[str, Any] | None = None  # the chosen teacher: {"epoch", "pair", ...}
+        self.best_state: dict[str, torch.Tensor] | None = None  # its FERNet weights, when chosen on val
+
+    def _reset_last(self) -> None:
+        P, NL = self.cfg.n_pairs, len(self.labeled)
+        self.last = {k: np.zeros((P, NL), dtype=np.int64) for k in ("decisions", "filtered")}
+        self.last_loss = np.zeros((P, NL), dtype=np.float64)
+        self.agree_correct = np.zeros(P, dtype=np.int64)
+        self.agree_n = 0
+
+    def steps_per_epoch(self) -> int:
+        return self.iters
+
+    def _final_epoch(self, epoch: int) -> bool:
+        return epoch == self.cfg.epochs - 1
+
+    def on_epoch_start(self, epoch: int, ctx: StepContext) -> dict[str, Any] | None:
+        self._filtered = self._seen = 0
+        if self._final_epoch(epoch):
+            self._reset_last()
+        return None
+
+    def batches(self, epoch: int, ctx: StepContext) -> Iterable[Any]:
+        self._flip = ctx.generator(FLIP)  # every network's view: its own flips, in pt_step's order
+        perm = torch.randperm(len(self.labeled), generator=ctx.generator(ORDER))
+        pool_it = self.pool.batches(self.nu, ctx.generator(POOL)) if self.pool is not None and self.nu > 0 else None
+        return self._batches(perm, pool_it)
+
+    def _batches(self, perm: torch.Tensor, pool_it: Iterator[torch.Tensor] | None) -> Iterator[Any]:
+        for it in range(self.iters):
+            idx = perm[it * self.nl:(it + 1) * self.nl]
+            xu = next(pool_it) if pool_it is not None else None
+            yield idx, self.labeled.images[idx], self.labeled.labels[idx], xu
+
+    def training_step(self, batch: Any, ctx: StepContext) -> dict[str, Any]:
+        cfg, P = self.cfg, self.cfg.n_pairs
+        idx, xl, yl, xu = batch
+        dev = ctx.device
+        xl = ctx.prepare_input(xl.to(dev, non_blocking=True))
+        yl = yl.to(dev)
+        xu = ctx.prepare_input(xu.to(dev, non_blocking=True)) if xu is not None else None
+        info = pt_step(self.students, self.teachers, self.optimizers, xl, yl, xu, t=ctx.global_step + 1,
+                       epoch_pos=ctx.epoch + ctx.step / ctx.steps_per_epoch, cfg=cfg, forget_rate=self.r,
+                       gen=self._flip, conf_lambda=self.conf_lambda if cfg.confidence_estimator else None,
+                       backward_step=lambda loss, opt: ctx.backward_step(loss, [opt]))
+        self.last_info = info
+        ids = idx.numpy()
+        final = self._final_epoch(ctx.epoch)
+        for k in range(P):
+            sel = info.selected[k].cpu().numpy()
+            self.rec["decisions"][k, ids] += 1
+            self.rec["filtered"][k, ids] += ~sel
+            self.rec["conf_kept"][k, ids] += info.conf_kept[k].cpu().numpy()
+            if final:
+                self.last["decisions"][k, ids] += 1
+                self.last["filtered"][k, ids] += ~sel
+                self.last_loss[k, ids] += info.teacher_losses[k].cpu().numpy()
+        if final:
+            agreed = torch.stack(info.selected).all(0)
+            self.agree_n += int(agreed.sum())
+            for k in range(P):
+                self.agree_correct[k] += int((info.teacher_correct[k] & agreed).sum())
+        self._filtered += int(sum(int((~s).sum()) for s in info.selected))
+        self._seen += P * len(idx)
+        loss = float(np.mean([s + info.weight * c for s, c in zip(info.sup_loss, info.cons_loss)]))
+        return {"loss": loss, "sup_loss": float(np.mean(info.sup_loss)), "cons_loss": float(np.mean(info.cons_loss)),
+                "ratio": info.ratio, "weight": info.weight, "samples": len(idx) + (0 if xu is None else len(xu))}
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, Any] | None:
+        cfg, t = self.cfg, ctx.global_step
+        entry: dict[str, Any] = {
+            "iterations": t, "ratio": selection_ratio(t, self.r, cfg.turn_iters, cfg.ratio),
+            "weight": consistency_weight(epoch + 1, cfg.epochs, cfg.consistency_max, cfg.consistency_shape),
+            "filtered_fraction": self._filtered / max(1, self._seen),
+        }
+        if self.clean is not None:
+            # Cumulative over training so far: mean fraction of its decisions in which a sample was dropped.
+            noisy = self._noisy()
+            frac = self.rec["filtered"].sum(0) / np.maximum(1, self.rec["decisions"].sum(0))
+            entry["noisy_filter_rate"] = float(frac[noisy].mean()) if noisy.any() else float("nan")
+            entry["clean_filter_rate"] = float(frac[~noisy].mean()) if (~noisy).any() else float("nan")
+        if self.val is not None:
+            from tasks.evaluate import evaluate_images
+
+            accs = [evaluate_images(tn.net, self.val.images, self.val.labels, cfg.num_classes,
+                                    device=ctx.device).accuracy for tn in self.teachers]
+            entry["val_accuracy"] = accs
+            k = int(np.argmax(accs))
+            if self.best is None or accs[k] > self.best["val_accuracy"]:
+                self.best = {"epoch": epoch + 1, "pair": k, "val_accuracy": accs[k]}
+                self.best_state = {n: v.detach().cpu().clone() for n, v in self.teachers[k].net.state_dict().items()}
+        return entry
+
+    def _noisy(self) -> np.ndarray:
+        return (self.clean >= 0) & (self.clean != self.labeled.labels.numpy())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "students": [s.state_dict() for s in self.students], "teachers": [t.state_dict() for t in self.teachers],
+            "records": {k: torch.from_numpy(v.copy()) for k, v in self.rec.items()},
+            "last": {k: torch.from_numpy(v.copy()) for k, v in self.last.items()},
+            "last_loss": torch.from_numpy(self.last_loss.copy()),
+            "agree": {"n": self.agree_n, "correct": self.agree_correct.tolist()},
+            "conf_lambda": list(self.conf_lambda), "best": self.best, "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in range(self.cfg.n_pairs):
+            self.students[k].load_state_dict(state["students"][k])
+            self.teachers[k].load_state_dict(state["teachers"][k])
+        self.rec = {k: v.numpy().astype(np.int64) for k, v in state["records"].items()}
+        self.last = {k: v.numpy().astype(np.int64) for k, v in state["last"].items()}
+        self.last_loss = state["last_loss"].numpy().astype(np.float64)
+        self.agree_n = int(state["agree"]["n"])
+        self.agree_correct = np.asarray(state["agree"]["correct"], dtype=np.int64)
+        self.conf_lambda = [float(v) for v in state["conf_lambda"]]
+        self.best, self.best_state = state["best"], state["best_state"]
+
+    def _choose_teacher(self) -> None:
+        """Without validation data: the final teacher with the higher accuracy on the labeled samples every
+        teacher kept in the last epoch (the samples PT itself believes clean); no test data is used."""
+        if self.best is not None:
+            return
+        n = self.agree_n
+        accs = [c / n if n else float("nan") for c in self.agree_correct.tolist()]
+        k = int(np.nanargmax(accs)) if n else 0
+        self.best = {"epoch": self.cfg.epochs, "pair": k, "agreed_clean_accuracy": accs[k], "agreed_n": n}
+
+    def final_metrics(self, history: list[dict[str, Any]], ctx: StepContext) -> dict[str, Any]:
+        """Choose the teacher, write ``filtered/`` (the paper's Table 6 / Fig. 9 come from it) and return
+        the run's metrics."""
+        cfg = self.cfg
+        self._choose_teacher()
+        labels_np = self.labeled.labels.numpy()
+        NL = len(labels_np)
+        decisions = self.last["decisions"].sum(0)
+        filtered_out = (decisions > 0) & (self.last["filtered"].sum(0) == decisions)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_last_loss = np.where(decisions > 0, self.last_loss.sum(0) / decisions, np.nan)
+        filtered_uri = join(self.out_uri, FILTERED_DIR)
+        ffs, fpath = _fs(filtered_uri)
+        if ffs.exists(fpath):
+            ffs.rm(fpath, recursive=True)  # our own output, rebuilt from the saved state
+        clean = self.clean
+        table = pa.table({
+            "id": pa.array(self.labeled.ids, pa.string()),
+            "label": pa.array(labels_np, pa.int8()),
+            CLEAN_LABEL: pa.array([None if c < 0 else int(c) for c in clean] if clean is not None else [None] * NL,
+                                  pa.int8()),
+            "decisions": pa.array(self.rec["decisions"].sum(0), pa.int32()),
+            "filtered": pa.array(self.rec["filtered"].sum(0), pa.int32()),
+            "conf_kept": pa.array(self.rec["conf_kept"].sum(0), pa.int32()),
+            "last_decisions": pa.array(decisions, pa.int32()),
+            "last_filtered": pa.array(self.last["filtered"].sum(0), pa.int32()),
+            "last_loss": pa.array(mean_last_loss, pa.float32()),
+            "filtered_out": pa.array(filtered_out, pa.bool_()),
+        })
+        with ArtifactWriter(filtered_uri, stage="pt.filtered", config=cfg.to_dict(), inputs=self.inputs,
+                            rows_per_shard=65536) as w:
+            w.write(table)
+        metrics: dict[str, Any] = {
+            "method": self.name, "forget_rate": self.r, "labeled": NL, "unusable_labeled_rows": self.n_unusable,
+            "iterations": ctx.global_step, "iterations_per_epoch": self.iters, "labeled_per_batch": self.nl,
+            "unlabeled_per_batch": self.nu, "teacher": self.best, "filtered_out": int(filtered_out.sum()),
+            "filtered_out_per_class": {str(c): int((filtered_out & (labels_np == c)).sum())
+                                       for c in range(cfg.num_classes)},
+            "config": cfg.to_dict(), "inputs": dict(self.inputs), "label_noise": self.spec,
+        }
+        if clean is not None:
+            noisy = self._noisy()
+            metrics["noisy_labels"] = int(noisy.sum())
+            metrics.update(_filter_stats(filtered_out, noisy))
+            frac = self.rec["filtered"].sum(0) / np.maximum(1, self.rec["decisions"].sum(0))
+            metrics["noisy_filter_rate_all_epochs"] = float(frac[noisy].mean()) if noisy.any() else float("nan")
+            metrics["clean_filter_rate_all_epochs"] = float(frac[~noisy].mean()) if (~noisy).any() else float("nan")
+        return metrics
+
+    def export(self, ctx: StepContext) -> tuple[nn.Module, dict[str, Any]]:
+        """The chosen teacher's FERNet (without the confidence head) and its model.json fields."""
+        self._choose_teacher()
+        net = self.teachers[self.best["pair"]].net
+        if self.best_state is not None:
+            net = copy.deepcopy(net)
+            net.load_state_dict(self.best_state)
+        from tasks.train import class_names
+
+        return net, {"task": "classification", "classes": class_names(self.cfg.num_classes),
+                     "input_size": self.cfg.input_size, "mean": list(MEAN), "std": list(STD),
+                     "label_noise": self.spec, "forget_rate": self.r, "chosen_teacher": self.best,
+                     "labeled_uri": self.labeled_uri, "unlabeled_uri": self.unlabeled_uri, "val_uri": self.val_uri}
+
+
 def train_pt(
     cfg: PTConfig,
     labeled_uri: str,
@@ -590,241 +832,49 @@ def train_pt(
     progress: Callable[[dict[str, Any]], None] | None = None,
     *,
     val_uri: str | None = None,
+    resume: bool = True,
 ) -> PTResult:
-    """Train Progressive Teacher and save the chosen teacher (see the module docstring for outputs).
+    """Train Progressive Teacher into ``out_uri`` and save the chosen teacher there (module docstring: outputs).
 
     The teacher saved is the best (epoch, pair) by accuracy on ``val_uri`` when one is given;
     otherwise the final teacher with the higher accuracy on the labeled samples that every teacher
     kept in the last epoch (the samples PT itself believes clean), so no test data is ever used for
-    the choice. A run interrupted between epochs resumes from ``last.pt`` with identical results.
+    the choice. A run interrupted between epochs resumes from ``last.pt`` with identical results (the
+    same config and tables required: tasks.engine.ResumeMismatch names what differs); a finished run is
+    returned as it is. ``progress`` receives the engine's events: {"event": "step", ...} every
+    ``cfg.log_every`` steps (with the step's R(t) ``ratio``, consistency ``weight`` and iteration ``t``)
+    and {"event": "epoch", ...} with the epoch's record after each epoch. ``resume=False`` starts over.
     """
-    from tasks.evaluate import evaluate_images
-    from tasks.device import resolve_device
-
-    device = resolve_device(cfg.device)
     out_uri = out_uri.rstrip("/")
-    fs, out_path = _fs(out_uri)
-    summary_path = f"{out_path}/{SUMMARY_FILE}"
-    if fs.exists(summary_path):
-        done = load_result(out_uri)
-        if done.metrics.get("config") == _config_dict(cfg) and done.metrics.get("inputs", {}).get("labeled") == \
-                Artifact(labeled_uri).digest:
-            return done
-        raise FileExistsError(f"{out_uri} holds a finished Progressive Teacher run with another config or data; "
-                              "choose another output or delete it")
-
-    labeled = load_image_set(labeled_uri, cfg.input_size, splits=list(cfg.train_splits))
-    keep = (labeled.labels >= 0) & (labeled.labels < cfg.num_classes)
-    n_unusable = int((~keep).sum())
-    if not bool(keep.any()):
-        raise ValueError(f"{labeled_uri} has no labeled rows in split(s) {list(cfg.train_splits)} "
-                         f"(labels 0..{cfg.num_classes - 1}); PT needs labeled training data")
-    labeled = labeled.subset(torch.nonzero(keep).flatten())
-    clean = _clean_labels(labeled_uri, cfg.train_splits, labeled.ids)
-    spec = noise_spec(labeled_uri)
-    r = resolve_forget_rate(cfg.forget_rate, spec, cfg.forget_margin)
-    pool = _Pool(unlabeled_uri, cfg.input_size, cfg.pool_splits, cfg.pool_cache_rows) if unlabeled_uri else None
-    val = load_image_set(val_uri, cfg.input_size, splits=list(cfg.val_splits)) if val_uri else None
-    if val is not None:
-        val = val.subset(torch.nonzero(val.labels >= 0).flatten())
-
-    NL = len(labeled)
-    nl = min(cfg.labeled_per_batch, NL)
-    nu = (cfg.batch_size - nl) if pool is not None else 0
-    iters = max(1, NL // nl)
     inputs = {"labeled": Artifact(labeled_uri).digest}
     if unlabeled_uri:
         inputs["unlabeled"] = Artifact(unlabeled_uri).digest
     if val_uri:
         inputs["val"] = Artifact(val_uri).digest
+    if cfg.pretrained:
+        inputs["pretrained"] = weights_digest(cfg.pretrained)
+    method = ProgressiveTeacher(cfg, labeled_uri, unlabeled_uri, out_uri, val_uri=val_uri, inputs=inputs)
 
-    students, teachers = _build_pair_nets(cfg, device)
-    opts = [_make_optimizer(cfg, s) for s in students]
-    P = cfg.n_pairs
-    rec = {k: np.zeros((P, NL), dtype=np.int64) for k in ("decisions", "filtered", "conf_kept")}
-    last = {k: np.zeros((P, NL), dtype=np.int64) for k in ("decisions", "filtered")}
-    last_loss = np.zeros((P, NL), dtype=np.float64)
-    state: dict[str, Any] = {"epoch": 0, "t": 0, "history": [], "conf_lambda": [0.1] * P, "best": None}
+    def events(d: dict[str, Any]) -> None:
+        info = method.last_info
+        if d["event"] == "step" and info is not None:
+            d = {**d, "t": info.t, "ratio": info.ratio, "weight": info.weight}  # the step's, not the running mean
+        progress(d)
 
-    saved = load_training_state(out_uri)
-    if saved is not None:
-        if saved.get("config") != _config_dict(cfg) or saved.get("inputs") != inputs:
-            raise FileExistsError(f"{out_uri} holds an unfinished Progressive Teacher run with another config or "
-                                  "data; rerun with the same settings to resume it, or choose another output")
-        for k in range(P):
-            students[k].load_state_dict(saved["students"][k])
-            teachers[k].load_state_dict(saved["teachers"][k])
-            opts[k].load_state_dict(saved["optimizers"][k])
-        for k in rec:
-            rec[k] = np.asarray(saved["records"][k], dtype=np.int64)
-        for k in last:
-            last[k] = np.asarray(saved["last"][k], dtype=np.int64)
-        last_loss = np.asarray(saved["last_loss"], dtype=np.float64)
-        state.update({k: saved[k] for k in ("epoch", "t", "history", "conf_lambda", "best")})
-
-    index = torch.arange(NL)
-    agree_correct = np.zeros(P, dtype=np.int64)
-    agree_n = 0
-    for epoch in range(state["epoch"], cfg.epochs):
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout in VGG-style heads
-        lr = lr_at(cfg, epoch)
-        for o in opts:
-            for g in o.param_groups:
-                g["lr"] = lr
-        final_epoch = epoch == cfg.epochs - 1
-        if final_epoch:
-            last = {k: np.zeros((P, NL), dtype=np.int64) for k in last}
-            last_loss = np.zeros((P, NL), dtype=np.float64)
-            agree_correct[:] = 0
-            agree_n = 0
-        perm = torch.randperm(NL, generator=gen)
-        pool_it = pool.batches(nu, gen) if pool is not None and nu > 0 else None
-        sums = {"sup": 0.0, "cons": 0.0, "filtered": 0, "seen": 0}
-        for it in range(iters):
-            idx = perm[it * nl:(it + 1) * nl]
-            xl = labeled.images[idx].to(device, non_blocking=True)
-            yl = labeled.labels[idx].to(device)
-            xu = next(pool_it).to(device, non_blocking=True) if pool_it is not None else None
-            state["t"] += 1
-            info = pt_step(students, teachers, opts, xl, yl, xu, t=state["t"], epoch_pos=epoch + it / iters,
-                           cfg=cfg, forget_rate=r, gen=gen,
-                           conf_lambda=state["conf_lambda"] if cfg.confidence_estimator else None)
-            ids = index[idx].numpy()
-            for k in range(P):
-                sel = info.selected[k].cpu().numpy()
-                rec["decisions"][k, ids] += 1
-                rec["filtered"][k, ids] += ~sel
-                rec["conf_kept"][k, ids] += info.conf_kept[k].cpu().numpy()
-                if final_epoch:
-                    last["decisions"][k, ids] += 1
-                    last["filtered"][k, ids] += ~sel
-                    last_loss[k, ids] += info.teacher_losses[k].cpu().numpy()
-            if final_epoch:
-                agreed = torch.stack(info.selected).all(0)
-                agree_n += int(agreed.sum())
-                for k in range(P):
-                    agree_correct[k] += int((info.teacher_correct[k] & agreed).sum())
-            sums["sup"] += float(np.mean(info.sup_loss))
-            sums["cons"] += float(np.mean(info.cons_loss))
-            sums["filtered"] += int(sum(int((~s).sum()) for s in info.selected))
-            sums["seen"] += P * len(idx)
-            if progress is not None:
-                progress({"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": it + 1, "steps": iters,
-                          "t": state["t"], "sup_loss": info.sup_loss, "cons_loss": info.cons_loss,
-                          "ratio": info.ratio, "weight": info.weight, "lr": lr})
-        entry: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": lr, "iterations": state["t"], "sup_loss": sums["sup"] / iters,
-            "cons_loss": sums["cons"] / iters, "ratio": selection_ratio(state["t"], r, cfg.turn_iters, cfg.ratio),
-            "weight": consistency_weight(epoch + 1, cfg.epochs, cfg.consistency_max, cfg.consistency_shape),
-            "filtered_fraction": sums["filtered"] / max(1, sums["seen"]), "seconds": time.time() - t0,
-        }
-        if clean is not None:
-            # Cumulative over training so far: mean fraction of its decisions in which a sample was dropped.
-            noisy = (clean >= 0) & (clean != labeled.labels.numpy())
-            frac = rec["filtered"].sum(0) / np.maximum(1, rec["decisions"].sum(0))
-            entry["noisy_filter_rate"] = float(frac[noisy].mean()) if noisy.any() else float("nan")
-            entry["clean_filter_rate"] = float(frac[~noisy].mean()) if (~noisy).any() else float("nan")
-        if val is not None:
-            accs = [evaluate_images(tn.net, val.images, val.labels, cfg.num_classes, device=device).accuracy
-                    for tn in teachers]
-            entry["val_accuracy"] = accs
-            k = int(np.argmax(accs))
-            if state["best"] is None or accs[k] > state["best"]["val_accuracy"]:
-                state["best"] = {"epoch": epoch + 1, "pair": k, "val_accuracy": accs[k]}
-                _save_teacher(out_uri, teachers[k], cfg, spec, r, state["best"])
-        state["history"].append(entry)
-        state["epoch"] = epoch + 1
-        if final_epoch:
-            state["agree"] = {"n": agree_n, "correct": agree_correct.tolist()}
-        save_training_state(out_uri, {
-            "config": _config_dict(cfg), "inputs": inputs, "epoch": state["epoch"], "t": state["t"],
-            "history": state["history"], "conf_lambda": state["conf_lambda"], "best": state["best"],
-            "students": [s.state_dict() for s in students], "teachers": [t.state_dict() for t in teachers],
-            "optimizers": [o.state_dict() for o in opts],
-            "records": {k: v.tolist() for k, v in rec.items()}, "last": {k: v.tolist() for k, v in last.items()},
-            "last_loss": last_loss.tolist(), "agree": state.get("agree"),
-        })
-        if progress is not None:
-            progress({"event": "epoch", **entry, "epochs": cfg.epochs})
-
-    # Choose and save the teacher.
-    if state["best"] is None:
-        agree = state.get("agree") or (saved or {}).get("agree") or {"n": 0, "correct": [0] * P}
-        accs = [c / agree["n"] if agree["n"] else float("nan") for c in agree["correct"]]
-        k = int(np.nanargmax(accs)) if agree["n"] else 0
-        state["best"] = {"epoch": cfg.epochs, "pair": k, "agreed_clean_accuracy": accs[k], "agreed_n": agree["n"]}
-        _save_teacher(out_uri, teachers[k], cfg, spec, r, state["best"])
-
-    # Per-sample filter record (the paper's Table 6 / Fig. 9 come from it).
-    labels_np = labeled.labels.numpy()
-    filtered_out = (last["decisions"].sum(0) > 0) & (last["filtered"].sum(0) == last["decisions"].sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_last_loss = np.where(last["decisions"].sum(0) > 0, last_loss.sum(0) / last["decisions"].sum(0), np.nan)
-    filtered_uri = join(out_uri, FILTERED_DIR)
-    ffs, fpath = _fs(filtered_uri)
-    if ffs.exists(fpath):
-        ffs.rm(fpath, recursive=True)  # our own output, rebuilt from the saved state
-    table = pa.table({
-        "id": pa.array(labeled.ids, pa.string()),
-        "label": pa.array(labels_np, pa.int8()),
-        CLEAN_LABEL: pa.array([None if c < 0 else int(c) for c in clean] if clean is not None else [None] * NL,
-                              pa.int8()),
-        "decisions": pa.array(rec["decisions"].sum(0), pa.int32()),
-        "filtered": pa.array(rec["filtered"].sum(0), pa.int32()),
-        "conf_kept": pa.array(rec["conf_kept"].sum(0), pa.int32()),
-        "last_decisions": pa.array(last["decisions"].sum(0), pa.int32()),
-        "last_filtered": pa.array(last["filtered"].sum(0), pa.int32()),
-        "last_loss": pa.array(mean_last_loss, pa.float32()),
-        "filtered_out": pa.array(filtered_out, pa.bool_()),
-    })
-    with ArtifactWriter(filtered_uri, stage="pt.filtered", config=_config_dict(cfg), inputs=inputs,
-                        rows_per_shard=65536) as w:
-        w.write(table)
-
-    metrics: dict[str, Any] = {
-        "method": _method_name(cfg), "forget_rate": r, "labeled": NL, "unusable_labeled_rows": n_unusable,
-        "iterations": state["t"], "iterations_per_epoch": iters, "labeled_per_batch": nl, "unlabeled_per_batch": nu,
-        "teacher": state["best"], "filtered_out": int(filtered_out.sum()),
-        "filtered_out_per_class": {str(c): int((filtered_out & (labels_np == c)).sum()) for c in range(cfg.num_classes)},
-        "config": _config_dict(cfg), "inputs": inputs, "label_noise": spec,
-    }
-    if clean is not None:
-        noisy = (clean >= 0) & (clean != labels_np)
-        metrics["noisy_labels"] = int(noisy.sum())
-        metrics.update(_filter_stats(filtered_out, noisy))
-        frac = rec["filtered"].sum(0) / np.maximum(1, rec["decisions"].sum(0))
-        metrics["noisy_filter_rate_all_epochs"] = float(frac[noisy].mean()) if noisy.any() else float("nan")
-        metrics["clean_filter_rate_all_epochs"] = float(frac[~noisy].mean()) if (~noisy).any() else float("nan")
-    result = PTResult(checkpoint_uri=join(out_uri, TEACHER_DIR), filtered_uri=filtered_uri, metrics=metrics,
-                      history=state["history"], forget_rate=r, label_noise=spec)
+    res = fit(method, out_uri, config=cfg.to_dict(), inputs=inputs, log_every=cfg.log_every, resume=resume,
+              progress=events if progress is not None else None, **cfg.fit_options())
+    m = res.metrics
+    result = PTResult(checkpoint_uri=out_uri, filtered_uri=join(out_uri, FILTERED_DIR), metrics=m,
+                      history=res.history, forget_rate=float(m["forget_rate"]), label_noise=m.get("label_noise"))
     atomic_write_bytes(join(out_uri, SUMMARY_FILE), dumps_json({
-        "checkpoint_uri": result.checkpoint_uri, "filtered_uri": filtered_uri, "metrics": metrics,
-        "history": state["history"], "forget_rate": r, "label_noise": spec,
+        "checkpoint_uri": result.checkpoint_uri, "filtered_uri": result.filtered_uri, "metrics": m,
+        "history": res.history, "forget_rate": result.forget_rate, "label_noise": result.label_noise,
     }).encode())
     return result
 
 
-def _method_name(cfg: PTConfig) -> str:
-    if cfg.n_pairs == 1 and cfg.forget_rate == 0:
-        return "mean_teacher"
-    return "progressive_teacher"
-
-
-def _save_teacher(out_uri: str, teacher: PTNet, cfg: PTConfig, spec: dict | None, r: float,
-                  best: dict[str, Any]) -> None:
-    save_checkpoint(join(out_uri, TEACHER_DIR), teacher.net, {
-        "input_size": cfg.input_size, "mean": list(MEAN), "std": list(STD),
-        "metrics": {k: v for k, v in best.items()},
-        "config": _config_dict(cfg), "method": _method_name(cfg), "label_noise": spec, "forget_rate": r,
-    })
-
-
 def load_result(out_uri: str) -> PTResult:
     """Read a finished run's ``pt.json``."""
-    import json
-
     fs, path = _fs(out_uri)
     p = f"{path}/{SUMMARY_FILE}"
     if not fs.exists(p):

@@ -25,6 +25,7 @@ from tasks.engine import Recipe, StepContext, build_optimizer, fit
 from tasks.engine.loaders import labeled_source, load_labeled
 from tasks.engine.method import Method
 from tasks.engine.seeding import FLIP, TRANSFORM
+from tasks.checkpoint import weights_digest
 from tasks.erase import random_erasing_batch
 from tasks.models import FERNet, build_model, load_pretrained
 
@@ -294,6 +295,10 @@ def train(
     if teacher is not None and teacher.num_classes != cfg.num_classes:
         raise ValueError(f"teacher has {teacher.num_classes} classes, the student {cfg.num_classes}")
     inputs = {f"train[{i}]": Artifact(u).digest for i, u in enumerate(uris)}
+    if val_uri is not None:
+        inputs["val"] = Artifact(val_uri).digest
+    if init_from or cfg.pretrained:
+        inputs["init"] = weights_digest(init_from or cfg.pretrained)
     method = Supervised(cfg, uris, teacher=teacher, init_from=init_from, val_uri=val_uri,
                         batch_transform=batch_transform, loss_hook=loss_hook)
 

@@ -16,6 +16,7 @@ from storage.ingest import write_image_table
 from tasks.caf import (CAFConfig, adaptive_k, compare_caf, confidence_delta, critic_loss, evaluate_va, margin_for,
                        mutual_information, otsu_thresholds, train_caf, weak_strong_split)
 from tasks.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from tasks.engine import ResumeMismatch
 from tasks.va_metrics import VA_METRICS
 
 
@@ -233,8 +234,44 @@ def test_killed_run_resumes_from_last_epoch_and_refuses_other_config(va_table, t
     seen.clear()
     train_caf(cfg, va_table, out, progress=seen.append)  # finished: nothing left to train
     assert seen == []
-    with pytest.raises(ValueError, match=r"different config \(margin differ\)"):
+    with pytest.raises(ResumeMismatch, match=r"different configuration \(margin: 'adaptive' -> 'constant'\)"):
         train_caf(_tiny(epochs=3, margin="constant"), va_table, out)
+
+
+def test_rerun_on_another_table_or_validation_table_is_refused(va_table, tmp_path):
+    other = str(tmp_path / "other")
+    write_image_table(_va_rows(n_train=32, n_test=8, seed=1), other, stage="ingest", config={"toy": 2})
+    out = str(tmp_path / "run")
+    cfg = _tiny(epochs=1)
+    train_caf(cfg, va_table, out)
+    with pytest.raises(ResumeMismatch, match=r"other contents of train"):
+        train_caf(cfg, other, out)  # same config, same input names, another training table
+    with pytest.raises(ResumeMismatch, match=r"other inputs"):
+        train_caf(cfg, va_table, out, val_uri=other)  # a validation table the run did not have
+    killed = str(tmp_path / "killed")
+
+    def kill(d):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 2: last.pt holds epoch 1
+        train_caf(_tiny(epochs=2), va_table, killed, val_uri=va_table, progress=lambda d: d["epoch"] == 2 and kill(d))
+    with pytest.raises(ResumeMismatch, match=r"other contents of val"):
+        train_caf(_tiny(epochs=2), va_table, killed, val_uri=other)
+
+
+def test_iterations_cap_the_run_and_lr_decays_every_lr_step_iterations(va_table, tmp_path):
+    # 64 rows / 16 = 4 iterations per epoch: 6 iterations are a full epoch and half of a second one.
+    seen = []
+    res = train_caf(_tiny(iterations=6, lr_step=2, lr_gamma=0.5), va_table, str(tmp_path / "it"),
+                    progress=seen.append)
+    assert [d["iteration"] for d in seen] == [1, 2, 3, 4, 5, 6] and {d["total"] for d in seen} == {6}
+    assert [(e["epoch"], e["steps"]) for e in res.history] == [(1, 4), (2, 2)]
+    # iteration i (0-based) runs at lr * gamma ** (i // lr_step); an epoch records its last iteration's rate
+    assert [e["lr"] for e in res.history] == pytest.approx([1e-3 * 0.5 ** (3 // 2), 1e-3 * 0.5 ** (5 // 2)])
+    assert read_meta(str(tmp_path / "it"))["metrics"]["iterations"] == 6
+    paper = CAFConfig()
+    assert (paper.optimizer, paper.lr_unit, paper.lr_step, paper.lr_gamma, paper.weight_decay) == (
+        "adam", "iteration", 10_000, 0.8, 0.0)
 
 
 def test_baseline_and_caf_both_run(va_table, tmp_path):

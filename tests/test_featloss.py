@@ -224,10 +224,11 @@ def test_adaptive_alternative_training_end_to_end(data, tmp_path):
     conf = np.asarray(m["confusion"])
     assert m["n"] == 14 == conf.sum() and conf.shape == (7, 7)
     assert m["accuracy"] == pytest.approx(np.trace(conf) / conf.sum())  # the voted predictions' accuracy
-    # a rerun resumes from last.pt (nothing left to train) and ends with the same weights
+    # a rerun finds the finished run (nothing left to train) and returns it with the same results
     again = train_featloss(cfg, table, feats, out)
     assert again.lambdas == pytest.approx(lam) and len(again.history) == 2
-    with pytest.raises(ValueError, match="another configuration"):
+    assert again.history == res.history and again.val == res.val
+    with pytest.raises(ValueError, match="different configuration"):
         train_featloss(dataclasses.replace(cfg, lr=0.5), table, feats, out)
 
 
@@ -247,21 +248,34 @@ def test_branched_gabor_and_plain_runs(data, tmp_path):
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_per_step():
-    from tasks.featloss import _Run
+    """The engine sets the rate of each step at its midpoint, epoch + (s + 0.5) / steps, from cfg.schedule()."""
 
     def rates(**kw):
-        run = _Run(_tiny(**kw), [16], None, torch.device("cpu"), None)
-        return run, [run.lr_at(e, (s + 0.5) / 4) for e in range(run.cfg.epochs) for s in range(4)]
+        cfg = _tiny(**kw)
+        sched = cfg.schedule()
+        return cfg, [cfg.lr * sched.factor(e + (s + 0.5) / 4, cfg.epochs) for e in range(cfg.epochs) for s in range(4)]
 
-    _, r = rates(epochs=4, lr=0.1, warmup_epochs=1)
+    cfg, r = rates(epochs=4, lr=0.1, warmup=1)
+    assert (cfg.lr_schedule, cfg.lr_unit) == ("cosine", "epoch")
     cos = [0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in np.arange(16) / 4 + 1 / 8]
     assert r[4:] == pytest.approx(cos[4:])  # after the warm-up: the cosine, step by step
     assert r[:4] == pytest.approx([c * (s + 0.5) / 4 for s, c in enumerate(cos[:4])])  # linear ramp, never 0
     assert r[3] < r[4] and r[-1] < 0.002 and max(r) <= 0.1
     _, plain = rates(epochs=4, lr=0.1)  # no warm-up (the paper's schedule): cosine from the first step
     assert plain == pytest.approx(cos)
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        _tiny(epochs=2, warmup_epochs=3)
+    with pytest.raises(ValueError, match="warmup"):
+        _tiny(epochs=2, warmup=3)
+
+
+def test_training_uses_the_per_step_rates(data, tmp_path):
+    """The rates a run records are the schedule's at the step midpoints (the last step of each epoch)."""
+    table, _ = data
+    cfg = _tiny(epochs=2, lr=0.1, warmup=1, class_balanced=False)
+    res = train_featloss(variant_config("none", cfg), table, None, str(tmp_path / "lr"))
+    steps = res.epoch_records[0]["steps"]
+    assert steps == 42 // 16
+    want = [0.1 * cfg.schedule().factor(e + (steps - 0.5) / steps, 2) for e in range(2)]
+    assert [h["lr"] for h in res.epoch_records] == pytest.approx(want)
 
 
 def test_compare_gives_per_seed_accuracies_and_paired_differences(data, tmp_path):
@@ -293,8 +307,8 @@ def test_compare_on_the_synthetic_data_trains_with_the_recipe(tmp_path):
     (warm-up + lr 0.05: the plain baseline then reaches the supervised trainer's accuracy instead of 40%)."""
     tiny = {"train_per_class": 6, "val_per_class": 2, "test_per_class": 2, "n_identities": 8}
     res = compare_featloss(str(tmp_path / "syn"), variants=["none"], seeds=[0],
-                           config={"epochs": 1, "warmup_epochs": 0.5, "device": "cpu"}, synthetic=tiny)
-    assert {k: res["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1, "warmup_epochs": 0.5}
+                           config={"epochs": 1, "warmup": 0.5, "device": "cpu"}, synthetic=tiny)
+    assert {k: res["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1, "warmup": 0.5}
     from storage.artifact import Artifact
 
     man = Artifact(res["table_uri"]).manifest
@@ -304,11 +318,110 @@ def test_compare_on_the_synthetic_data_trains_with_the_recipe(tmp_path):
 
 def test_features_of_another_table_are_refused(data, tmp_path):
     table, feats = data
+    other = _other_table(tmp_path)
+    with pytest.raises(ValueError, match="another image table"):
+        train_featloss(variant_config("gsf", _tiny()), other, feats, str(tmp_path / "z"))
+
+
+def _other_table(tmp_path) -> str:
     other = str(tmp_path / "other")
     write_image_table(generate(SyntheticConfig(size=32, seed=5, train_per_class=3, test_per_class=1, pool_size=0,
                                                n_identities=4)), other, stage="ingest", config={"o": 1})
-    with pytest.raises(ValueError, match="another image table"):
-        train_featloss(variant_config("gsf", _tiny()), other, feats, str(tmp_path / "z"))
+    return other
+
+
+class _Killed(Exception):
+    pass
+
+
+def _no_timing(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "trial_seconds", "images_per_s")} for h in history]
+
+
+@pytest.mark.parametrize("variant", ["adaptive", "branched-adaptive"])
+def test_killed_run_resumes_to_the_same_result(data, tmp_path, variant):
+    """Killed after epoch 1 (mid-round) and again after epoch 2 (before a round's trials), the run resumes from
+    last.pt to the very weights, lambdas and history of an uninterrupted one."""
+    table, feats = data
+    cfg = variant_config(variant, _tiny(epochs=3, round_epochs=2))
+    whole = train_featloss(cfg, table, feats, str(tmp_path / "whole"))
+    out = str(tmp_path / "killed")
+    for kill_after in (1, 2):
+        def cb(d, _k=kill_after):
+            if d["event"] == "epoch" and d["epoch"] == _k:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            train_featloss(cfg, table, feats, out, progress=cb)
+        assert not os.path.exists(f"{out}/model.json") and os.path.exists(f"{out}/last.pt")
+    resumed = train_featloss(cfg, table, feats, out)
+    assert resumed.lambdas == whole.lambdas and sum(whole.lambdas) == pytest.approx(2.0)
+    assert _no_timing(resumed.epoch_records) == _no_timing(whole.epoch_records)
+    assert [h["obj"] for h in resumed.history] == [h["obj"] for h in whole.history]
+    a, _ = load_featloss_model(str(tmp_path / "whole"))
+    b, _ = load_featloss_model(out)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+    assert json.load(open(f"{out}/metrics.json"))["resumed_from_epoch"] == 2
+
+
+def test_rerun_on_another_table_or_features_is_refused(data, tmp_path):
+    from tasks.engine import ResumeMismatch
+
+    table, feats = data
+    out = str(tmp_path / "run")
+    cfg = variant_config("none", _tiny(epochs=1))
+    train_featloss(cfg, table, None, out)
+    with pytest.raises(ResumeMismatch, match="contents of table"):
+        train_featloss(cfg, _other_table(tmp_path), None, out)
+    gsf = variant_config("gsf", _tiny(epochs=1))
+    train_featloss(gsf, table, feats, str(tmp_path / "gsf"))
+    feats2 = str(tmp_path / "features2")
+    compute_features(table, feats2, HandcraftedConfig(size=32, gabor_grid=2, gsf_grid=2, sift_grid=2, mirror=False))
+    with pytest.raises(ResumeMismatch, match="contents of features"):
+        train_featloss(gsf, table, feats2, str(tmp_path / "gsf"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_checkpoint_is_the_common_format(data, tmp_path):
+    """model.pt + model.json: tasks.checkpoint rebuilds the network as a classifier, so the generic evaluate
+    (and predict / export) take it; a fermine 0.1 featloss.json folder is refused with how to convert."""
+    from tasks.checkpoint import load_checkpoint
+    from tasks.evaluate import evaluate
+
+    table, feats = data
+    out = str(tmp_path / "b")
+    train_featloss(variant_config("branched-fixed", _tiny(epochs=1)), table, feats, out)
+    meta = json.load(open(f"{out}/model.json"))
+    assert meta["model"] == {"builder": "tasks.featloss:network_from_meta"} and meta["method"] == "featloss"
+    assert meta["task"] == "classification" and meta["structure"] == "branched" and meta["lambdas"] == [1.0, 1.0]
+    assert (meta["input_size"], meta["load_size"], meta["num_classes"]) == (28, 32, 7) and len(meta["classes"]) == 7
+    assert not os.path.exists(f"{out}/featloss.json")
+    clf, _ = load_checkpoint(out)
+    parts, _ = load_featloss_model(out)
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(clf(x), 1), parts.probs(x))  # log of the branch-mean probs
+        assert isinstance(parts(x).logits, list)
+    ev = evaluate(out, table, ("test",), device="cpu")
+    assert ev.n == 14 and 0 <= ev.accuracy <= 1
+    from tasks.export import export_model
+
+    ts = torch.jit.load(export_model(out, str(tmp_path / "ts"), "torchscript"))
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), parts.probs(x))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "featloss.json").write_text("{}")
+    (old / "model.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="featloss.json"):
+        load_featloss_model(str(old))
+    with pytest.raises(ValueError, match="not a feature-loss one"):
+        from tasks.train import TrainConfig, train
+
+        sup = str(tmp_path / "sup")
+        train(TrainConfig(input_size=28, epochs=1, batch_size=16, device="cpu"), [table], sup)
+        load_featloss_model(sup)
 
 
 # ---------------------------------------------------------------- CLI and flow
@@ -326,7 +439,8 @@ def test_cli_features_train_and_user_errors(data, tmp_path, capsys):
           "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu"])
     text = capsys.readouterr().out
     assert "gsf" in text and "Acc. vote" in text
-    assert json.load(open(f"{out}/metrics.json"))["n"] == 14
+    assert json.load(open(f"{out}/test_metrics.json"))["n"] == 14
+    assert json.load(open(f"{out}/model.json"))["method"] == "featloss"
     cases = [
         (["featloss", "train", table, str(tmp_path / "a"), "--variant", "sift"], "give --features"),
         (["featloss", "train", table, str(tmp_path / "b"), "--variant", "lbp", "--features", feats], "unknown variant"),

@@ -39,9 +39,10 @@ from storage.artifact import Artifact, ArtifactWriter
 from storage.images import encode
 from storage.ingest import write_image_table
 from storage.schema import image_row
-from tasks.caf import CAFConfig, _Trainer
+from tasks.caf import CAF, CAFConfig
 from tasks.data import normalize
 from tasks.distill import DistillConfig, learn_distilled, make_net
+from tasks.engine import StepContext
 from tasks.featloss import FeatLossConfig, train_featloss, variant_config
 from tasks.handcrafted import STAGE as FEATURES_STAGE
 from tasks.handcrafted import feature_schema
@@ -146,10 +147,13 @@ def _va_batch() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 
 
 def test_caf_adversarial_step_uses_the_updated_frozen_critic_and_raises_weak_scores(monkeypatch):
-    monkeypatch.setattr(models_mod, "build_model", _tiny_regressor)  # _Trainer builds its encoder through it
+    monkeypatch.setattr(models_mod, "build_model", _tiny_regressor)  # CAF.setup builds its encoder through it
     cfg = CAFConfig(input_size=16, batch_size=8, lr=1e-3, critic_hidden=8, critic_dim=4, margin="constant",
                     hflip=False, device="cpu")
-    tr = _Trainer(cfg, torch.device("cpu"))
+    tr = CAF(cfg)
+    ctx = StepContext(torch.device("cpu"), cfg.seed, False, None, 1)
+    torch.manual_seed(cfg.seed)
+    tr.setup(ctx)
     x, y, weak = _va_batch()
     model0, critic0 = copy.deepcopy(tr.model), copy.deepcopy(tr.critic)
 
@@ -171,7 +175,7 @@ def test_caf_adversarial_step_uses_the_updated_frozen_critic_and_raises_weak_sco
     spy("critic", tr.critic_opt)
     spy("encoder", tr.enc_opt)
     spy("regressor", tr.reg_opt)
-    out = tr.step(x, y, epoch=0)
+    out = tr.training_step((x, y), ctx)  # one iteration of Algorithm 1, epoch 0
     # line 6 (critic), line 7 (encoder on L_adv), line 8 (encoder + regressor on L_AV)
     assert [c["name"] for c in calls] == ["critic", "encoder", "encoder", "regressor"]
     assert out["weak_frac"] == pytest.approx(0.5)

@@ -16,6 +16,7 @@ from storage.artifact import Artifact, ArtifactWriter
 from storage.images import encode
 from storage.schema import IMAGE_SCHEMA, image_row
 from tasks.data import normalize
+from tasks.engine import ResumeMismatch
 from tasks.label_noise import inject_noise
 from tasks.models import FERNet
 from tasks.progressive_teacher import (PTConfig, PTNet, consistency_weight, ema_alpha, ema_update,
@@ -114,10 +115,14 @@ def test_finetune_baseline_is_matched_to_the_pt_recipe():
     from tasks.progressive_teacher import finetune_config
 
     t = finetune_config(PTConfig())
-    assert (t.epochs, t.batch_size, t.lr, t.lr_step, t.lr_gamma, t.weight_decay) == (6, 50, 0.01, 3, 0.1, 5e-4)
-    assert finetune_config(PTConfig(epochs=12, lr_steps=(8,))).lr_step == 8
-    with pytest.raises(ValueError, match="does not match"):
-        finetune_config(PTConfig(epochs=6, lr_steps=(2,)))  # StepLR would also decay at epoch 4
+    assert (t.epochs, t.batch_size, t.lr, t.lr_schedule, t.lr_milestones, t.lr_gamma, t.weight_decay) == \
+        (6, 50, 0.01, "multistep", (3,), 0.1, 5e-4)
+    assert finetune_config(PTConfig(epochs=12, lr_milestones=(8,))).lr_milestones == (8,)
+    # Both are Recipes: the baseline runs PT's own schedule, whatever it is (no StepLR approximation).
+    t = finetune_config(PTConfig(epochs=6, lr_milestones=(2, 5), optimizer="adam"))
+    assert (t.lr_milestones, t.optimizer) == ((2, 5), "adam")
+    assert [t.schedule().factor(e + 0.5, 6) for e in range(6)] == \
+        pytest.approx([PTConfig(lr_milestones=(2, 5)).schedule().factor(e + 0.5, 6) for e in range(6)])
 
 
 # ---------------------------------------------------------------- one step, controlled networks
@@ -186,6 +191,31 @@ def test_confidence_estimator_keeps_confident_large_loss_samples(conf_bias, kept
         assert int(info.small_loss[k].sum()) == 2
         assert int(info.conf_kept[k].sum()) == kept
         assert torch.equal(info.selected[k], info.small_loss[k] | info.conf_kept[k])
+
+
+def test_step_through_the_engines_backward_step_is_the_same_update():
+    # The engine routes each student's update through ctx.backward_step (AMP scaling, clipping); without
+    # either it must be exactly pt_step's own zero_grad / backward / step.
+    import copy
+
+    from tasks.engine import StepContext
+
+    cfg = PTConfig(num_classes=2, batch_size=8, labeled_fraction=0.5, turn_iters=1, hflip=True, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    xl = torch.randint(0, 256, (4, 3, 4, 4), generator=g, dtype=torch.uint8)
+    xu = torch.randint(0, 256, (4, 3, 4, 4), generator=g, dtype=torch.uint8)
+    yl = torch.tensor([0, 1, 0, 1])
+    nets = [_bn_net(0), _bn_net(1)], [_bn_net(2), _bn_net(3)]
+    ctx = StepContext(torch.device("cpu"), 0, False, None, 1)
+    results = []
+    for backward_step in (None, lambda loss, opt: ctx.backward_step(loss, [opt])):
+        students, teachers = copy.deepcopy(nets)
+        opts = [torch.optim.SGD(s.parameters(), lr=0.1, momentum=0.9) for s in students]
+        for t in (1, 2):  # two steps: momentum buffers too
+            pt_step(students, teachers, opts, xl, yl, xu, t=t, epoch_pos=0.5, cfg=cfg, forget_rate=0.5,
+                    gen=torch.Generator().manual_seed(t), backward_step=backward_step)
+        results.append([p.detach().clone() for n in (*students, *teachers) for p in n.state_dict().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def _bn_net(seed: int) -> PTNet:
@@ -264,7 +294,7 @@ def _color_table(uri: str, per_class: int = 20, test_per_class: int = 6, pool: i
 
 
 def _tiny_cfg(**kw) -> PTConfig:
-    base = dict(input_size=16, epochs=3, batch_size=32, lr_steps=(2,), turn_iters=20, pool_splits=("pool",),
+    base = dict(input_size=16, epochs=3, batch_size=32, lr_milestones=(2,), turn_iters=20, pool_splits=("pool",),
                 seed=0)
     base.update(kw)
     return PTConfig(**base)
@@ -322,10 +352,13 @@ def test_pt_filters_noisy_labels_far_more_than_clean_ones(noisy_colors, tmp_path
     assert rep.png_uri is not None and open(rep.png_uri, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "noisy filt." in rep.table
 
-    # Rerunning the finished run returns it; a different config into the same folder is refused.
+    # Rerunning the finished run returns it; a different config or table into the same folder is refused,
+    # naming what differs.
     assert train_pt(_tiny_cfg(), noisy, clean, out).metrics["filtered_out"] == m["filtered_out"]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ResumeMismatch, match="seed"):
         train_pt(_tiny_cfg(seed=1), noisy, clean, out)
+    with pytest.raises(ResumeMismatch, match="labeled"):
+        train_pt(_tiny_cfg(), clean, clean, out)  # the same folder, another labeled table
 
 
 def test_large_pools_stream_through_a_bounded_shuffle_buffer(noisy_colors):
@@ -384,8 +417,38 @@ def test_interrupted_run_resumes_to_identical_result(noisy_colors, tmp_path):
     other = str(tmp_path / "other")
     with pytest.raises(_Stop):
         train_pt(cfg, noisy, clean, other, progress=stop_after_first_epoch)
-    with pytest.raises(FileExistsError, match="another config"):
+    with pytest.raises(ResumeMismatch, match="different configuration.*lr: 0.01 -> 0.02"):
         train_pt(_tiny_cfg(epochs=2, lr=0.02), noisy, clean, other)
+    with pytest.raises(ResumeMismatch, match="other contents of labeled"):
+        train_pt(cfg, clean, clean, other)  # same settings, another labeled table
+
+
+def test_resume_keeps_the_validation_choice_and_confidence_state(noisy_colors, tmp_path):
+    # With a validation table the best (epoch, pair) teacher's weights live in the method's state, and
+    # the confidence penalties' lambdas too: a run killed after epoch 1 still ends bit-identical.
+    from tasks.checkpoint import load_checkpoint
+
+    clean, noisy = noisy_colors
+    cfg = _tiny_cfg(epochs=2, val_splits=("test",), confidence_estimator=True)
+    full = train_pt(cfg, noisy, clean, str(tmp_path / "full"), val_uri=clean)
+
+    def stop_after_first_epoch(e):
+        if e["event"] == "epoch" and e["epoch"] == 1:
+            raise _Stop
+
+    part = str(tmp_path / "part")
+    with pytest.raises(_Stop):
+        train_pt(cfg, noisy, clean, part, progress=stop_after_first_epoch, val_uri=clean)
+    resumed = train_pt(cfg, noisy, clean, part, val_uri=clean)
+    (a, meta), (b, _) = load_checkpoint(full.checkpoint_uri), load_checkpoint(resumed.checkpoint_uri)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in full.history]
+    best = max((acc, -e, k) for e, h in enumerate(full.history) for k, acc in enumerate(h["val_accuracy"]))
+    chosen = meta["chosen_teacher"]
+    assert chosen["val_accuracy"] == best[0] and full.metrics["teacher"] == chosen
+    with pytest.raises(ResumeMismatch, match="inputs"):
+        train_pt(cfg, noisy, clean, part)  # the finished run had a validation table; this one has none
 
 
 def test_bad_inputs_are_clear_errors(noisy_colors, tmp_path):
@@ -520,7 +583,7 @@ def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretrain
     assert meta["config"]["pretrained"].endswith("backbone.pt") and meta["config"]["split_bn"] is False
     # Settings not given come from the synthetic recipe; given ones stay.
     assert (meta["config"]["turn_iters"], meta["config"]["ema_max"], meta["config"]["forget_margin"]) == (130, 0.99, 0.0)
-    assert (meta["config"]["epochs"], meta["config"]["input_size"], meta["config"]["lr_steps"]) == (1, 32, [5])
+    assert (meta["config"]["epochs"], meta["config"]["input_size"], meta["config"]["lr_milestones"]) == (1, 32, [5])
     assert res[0]["forget_rate"] == pytest.approx(0.25)
     out2 = str(tmp_path / "syn2")
     main(["pt", "synthetic", "synthetic", "synthetic", out2, "--noise", "0.25", "--epochs", "1", "--size", "32",

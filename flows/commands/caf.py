@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = CAFConfig(arch=arch, iterations=iterations, critic=not no_critic, margin=margin,
                             kappa=kappa, adv_weight=adv_weight, train_splits=tr_splits,
-                            eval_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained,
+                            val_splits=te_splits or ("test",), seed=seed, device=device, pretrained=pretrained,
                             **training)
         except ValueError as e:
             raise UserError(str(e)) from None

@@ -62,7 +62,7 @@ def _common(arch: str, size: Optional[int], load_size: Optional[int], epochs: Op
     if load_size is None and size is not None:
         load_size = size + max(2, size // 8)
     optional = dict(input_size=size, load_size=load_size, epochs=epochs, round_epochs=round_epochs,
-                    batch_size=batch_size, lr=lr, warmup_epochs=warmup, lambda_f1=lambda_f1, lambda_f2=lambda_f,
+                    batch_size=batch_size, lr=lr, warmup=warmup, lambda_f1=lambda_f1, lambda_f2=lambda_f,
                     lambda_b=lambda_f, rho=rho, gamma=gamma)
     return dict(arch=arch, norm=norm, class_balanced=not no_balance, five_crop=not no_five_crop,
                 train_splits=_splits(train_split, "--train-split"), val_splits=_splits(val_split, "--val-split"),
@@ -135,7 +135,9 @@ def register(app: typer.Typer) -> None:
     @fl.command("train")
     def train_cmd(
         table: str = typer.Argument(..., help="Image table with train (and val/test) splits."),
-        out: str = typer.Argument(..., help="Output folder: model.pt, featloss.json, metrics.json (rerun resumes)."),
+        out: str = typer.Argument(..., help="Output folder: model.pt + model.json (the checkpoint `fermine evaluate`, "
+                                  "`predict` and `export` take), metrics.json, last.pt (a rerun resumes), "
+                                  "test_metrics.json."),
         features: Optional[str] = typer.Option(None, "--features", help="Handcrafted-features artifact of TABLE "
                                                "(`fermine featloss features`); needed by every variant but none."),
         variant: str = typer.Option("adaptive", "--variant", help=_VARIANT_HELP),
@@ -150,7 +152,8 @@ def register(app: typer.Typer) -> None:
                                                    "updates (MaxIter; default 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
         lr: Optional[float] = typer.Option(None, "--lr", help="SGD rate, cosine-annealed (default 0.02)."),
-        warmup: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up (epochs; default 0)."),
+        warmup: Optional[float] = typer.Option(None, "--warmup", "--warmup-epochs", help="Linear lr warm-up (epochs; "
+                                               "default 0)."),
         lambda_f1: Optional[float] = typer.Option(None, "--lambda-f1", help="Initial weight of the feature loss on z "
                                                   "(GABOR; default 1e-4)."),
         lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="Initial weight of the feature losses on x "
@@ -209,7 +212,9 @@ def register(app: typer.Typer) -> None:
             m = evaluate_featloss(out, table, _splits(test_split, "--test-split"), device=device)
         except (ValueError, FloatingPointError) as e:
             raise UserError(str(e)) from None
-        atomic_write_bytes(join(out, "metrics.json"), dumps_json(m).encode())
+        # metrics.json is the engine's record of the training (a rerun compares against it): the test metrics
+        # go beside it.
+        atomic_write_bytes(join(out, "test_metrics.json"), dumps_json(m).encode())
         row = {"variant": variant, "method": VARIANT_TITLES[variant], "lambdas": res.lambdas, **m}
         Console().print(_results_table([row], f"{table} [{test_split}], {m['n']} images"))
 
@@ -230,8 +235,8 @@ def register(app: typer.Typer) -> None:
         round_epochs: Optional[int] = typer.Option(None, "--round-epochs", help="Synthetic data: 1, else 2."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Synthetic data: 0.05, else 0.02."),
-        warmup: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up (synthetic data: "
-                                               "1, else 0)."),
+        warmup: Optional[float] = typer.Option(None, "--warmup", "--warmup-epochs", help="Linear lr warm-up (epochs; "
+                                               "synthetic data: 1, else 0)."),
         lambda_f1: Optional[float] = typer.Option(None, "--lambda-f1", help="Default 1e-4."),
         lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="Default 0.05."),
         rho: Optional[float] = typer.Option(None, "--rho", help="Default 0.9."),

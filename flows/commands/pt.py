@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         from storage.artifact import is_finished, join
 
         # Settings not given: the synthetic recipe on the synthetic data, the paper's (PTConfig) otherwise.
-        given = {"input_size": size, "epochs": epochs, "lr_steps": tuple(lr_step) if lr_step else None,
+        given = {"input_size": size, "epochs": epochs, "lr_milestones": tuple(lr_step) if lr_step else None,
                  "batch_size": batch_size, "turn_iters": turn_iters, "ema_max": ema_max,
                  "forget_margin": forget_margin}
         from tasks.progressive_teacher import PTConfig
@@ -263,7 +263,7 @@ def _run_one(name: str, how: Any, cfg: Any, train_uri: str, pool_uri: str | None
             def on_step(d: dict) -> None:
                 if d["event"] == "step":
                     bar.update(0, total=d["steps"] * d["epochs"], completed=(d["epoch"] - 1) * d["steps"] + d["step"],
-                               info=f"epoch {d['epoch']}/{d['epochs']} CE {sum(d['sup_loss']) / len(d['sup_loss']):.3f}"
+                               info=f"epoch {d['epoch']}/{d['epochs']} CE {d['sup_loss']:.3f}"
                                     f" R {d['ratio']:.2f} w {d['weight']:.2f}")
 
             res = train_pt(how, train_uri, pool_uri, sub, progress=on_step, val_uri=val)

@@ -154,7 +154,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_cmd(
-        checkpoint: str = typer.Argument(..., help="Checkpoint folder (the OUT of `fermine train`)."),
+        checkpoint: str = typer.Argument(..., help="Checkpoint folder (the OUT of any training: train, pt, caf, "
+                                         "featloss)."),
         table: str = typer.Argument(..., help="Image table to evaluate on (same or another data set)."),
         split: Optional[List[str]] = typer.Option(None, help="Split(s) to evaluate (default: test; 'all' = every row)."),
         batch_size: int = typer.Option(256, help="Images per forward pass."),
@@ -163,7 +164,8 @@ def register(app: typer.Typer) -> None:
                                                 "CHECKPOINT/eval-<table>-<split>.json."),
         confusion: Optional[str] = typer.Option(None, help="Write the confusion matrix PNG here."),
     ) -> None:
-        """Accuracy, per-class and mean class accuracy and the confusion matrix of CHECKPOINT on TABLE.
+        """Accuracy, per-class and mean class accuracy and the confusion matrix of CHECKPOINT on TABLE
+        (RMSE, SAGR, PCC and CCC of valence and arousal for a valence/arousal checkpoint, e.g. CAF's).
 
         Always writes the metrics JSON (default CHECKPOINT/eval-<table>-<split>.json) and prints its path.
         """
@@ -195,6 +197,11 @@ def register(app: typer.Typer) -> None:
         splits = _splits(split, ("test",))
         split_text = ", ".join(splits) if splits else "all"
         art = Artifact(table)
+        from tasks.checkpoint import read_meta
+
+        if read_meta(checkpoint).get("task") == "valence_arousal":
+            _evaluate_va(checkpoint, table, splits, batch_size, device, json_path, art.digest)
+            return
         t0 = time.perf_counter()
         with progress_bar(escape(f"evaluate on {_name(table)} [{split_text}]"), len(art)) as bar:
             def on_batch(p: dict) -> None:
@@ -245,6 +252,40 @@ def register(app: typer.Typer) -> None:
                             "somewhere writable") from e
         console.print(escape(f"metrics: {out}") + (escape(f", confusion: {confusion}") if confusion else ""),
                       soft_wrap=True)
+
+
+def _evaluate_va(checkpoint: str, table: str, splits: tuple[str, ...] | None, batch_size: int, device: str,
+                 json_path: str | None, digest: str) -> None:
+    """`fermine evaluate` of a valence/arousal checkpoint (CAF or its baseline): RMSE, SAGR, PCC, CCC."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from flows.cli import UserError
+    from flows.progress import console
+    from tasks.caf import evaluate_va
+    from tasks.checkpoint import atomic_write_bytes, dumps_json
+
+    try:
+        m = evaluate_va(checkpoint, table, splits, batch_size=batch_size, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
+    t = Table(title=escape(f"{checkpoint} on {table} [{', '.join(splits or ['all'])}], n={m['n']}"))
+    for c in ("", "RMSE", "SAGR", "PCC", "CCC"):
+        t.add_column(c, justify="right" if c else "left")
+    for name, k in (("valence", "v"), ("arousal", "a")):
+        t.add_row(name, *(f"{m[f'{metric}_{k}']:.4f}" for metric in ("rmse", "sagr", "pcc", "ccc")))
+    Console().print(t)
+    if any(m["skipped"].values()):
+        console.print(escape(f"rows without valence/arousal skipped: {m['skipped']}"))
+    record = {**m, "task": "valence_arousal", "checkpoint_uri": checkpoint, "test_uri": table,
+              "test_abs_uri": _abs(table), "test_digest": digest, "splits": list(splits) if splits else None}
+    out = json_path or _default_eval_path(checkpoint, table, splits)
+    try:
+        atomic_write_bytes(out, dumps_json(record).encode())
+    except OSError as e:
+        raise UserError(f"cannot write the evaluation output ({e}); give --json PATH somewhere writable") from e
+    console.print(escape(f"metrics: {out}"), soft_wrap=True)
 
 
 def _name(uri: str) -> str:

@@ -168,7 +168,8 @@ def fit(
     progress: Progress | None = None,
     runtime_fields: frozenset[str] = RUNTIME_FIELDS,
 ) -> FitResult:
-    """Train ``method`` for ``epochs`` epochs (or ``max_steps`` updates) into ``out_uri``.
+    """Train ``method`` for ``epochs`` epochs, or for ``max_steps`` updates (then ``epochs`` is ignored), into
+    ``out_uri``.
 
     ``config`` is the method's whole config (recorded, and compared on resume apart from
     ``runtime_fields``); ``inputs`` maps a name to the digest of every table and init checkpoint the
@@ -178,7 +179,7 @@ def fit(
     out_uri = out_uri.rstrip("/")
     # With a schedule that does not depend on the run's length, a finished run can be extended: its
     # epoch count is then not part of what must match.
-    extendable = max_steps is None and schedule.kind != "cosine"
+    extendable = max_steps is None and schedule.kind != "cosine" and method.extendable
     wanted = fingerprint({k: v for k, v in config.items() if not (extendable and k == "epochs")}, inputs,
                          runtime_fields)
     saved = load_training_state(out_uri) if resume else None
@@ -198,7 +199,7 @@ def fit(
     # Without max_steps an epoch is whatever its batches are (a streamed epoch's count can vary by one or
     # two around steps_per_epoch); with it, training stops at that many updates.
     total_steps = max_steps if max_steps is not None else math.inf
-    n_epochs = epochs if max_steps is None else min(epochs, math.ceil(max_steps / ctx.steps_per_epoch))
+    n_epochs = epochs if max_steps is None else math.ceil(max_steps / ctx.steps_per_epoch)
     total_units = n_epochs if schedule.unit == "epoch" else (
         max_steps if max_steps is not None else epochs * ctx.steps_per_epoch)
 
@@ -246,6 +247,7 @@ def _train_epoch(method: Method, ctx: StepContext, epoch: int, plan: _Plan, *, p
     ctx.epoch, ctx.step = epoch, 0
     seed_epoch(ctx.seed, epoch)
     sums: dict[str, torch.Tensor | float] = {}
+    counts: dict[str, int] = {}
     samples = steps = 0
     lr = 0.0
     t0 = time.perf_counter()
@@ -266,8 +268,9 @@ def _train_epoch(method: Method, ctx: StepContext, epoch: int, plan: _Plan, *, p
         for k, v in out.items():
             if k != "samples":
                 sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
+                counts[k] = counts.get(k, 0) + 1  # a key some steps leave out is averaged over the others
         if plan.progress is not None and (steps % plan.log_every == 0 or steps == 1):
-            running = {k: float(v) / steps for k, v in sums.items()}  # one device sync per log point
+            running = {k: float(v) / counts[k] for k, v in sums.items()}  # one device sync per log point
             _finite_or_raise(running.get("loss", 0.0), f"by epoch {epoch + 1}, step {steps}")
             el = time.perf_counter() - t0
             plan.progress({"event": "step", **running, "phase": phase, "epoch": epoch + 1, "epochs": plan.n_epochs,
@@ -279,7 +282,7 @@ def _train_epoch(method: Method, ctx: StepContext, epoch: int, plan: _Plan, *, p
         raise ValueError(f"epoch {epoch + 1} has no training batch; the training data is empty or smaller than "
                          "one batch")
     seconds = time.perf_counter() - t0
-    means = {k: float(v) / steps for k, v in sums.items()}
+    means = {k: float(v) / counts[k] for k, v in sums.items()}
     _finite_or_raise(means.get("loss", 0.0), f"in epoch {epoch + 1}")
     return {**means, "lr": lr, "steps": steps, "samples": samples, "seconds": seconds,
             "images_per_s": samples / seconds if seconds > 0 else 0.0}
@@ -289,11 +292,15 @@ def _run_epochs(method: Method, ctx: StepContext, out_uri: str, history: list[di
                 plan: _Plan, wanted: Mapping[str, Any]) -> None:
     for epoch in range(start, plan.n_epochs):
         ctx.epoch = epoch
+        t0 = time.perf_counter()
         rec: dict[str, Any] = {"epoch": epoch + 1, "epochs": plan.n_epochs}
         rec.update(method.on_epoch_start(epoch, ctx) or {})
         rec.update(_train_epoch(method, ctx, epoch, plan))
         rec.update(method.on_epoch_end(epoch, ctx) or {})
         rec.update(method.validate(ctx) or {})
+        # "seconds" is the epoch's wall time, hooks (trial rounds) and validation included; images_per_s is
+        # over the steps alone.
+        rec["seconds"] = time.perf_counter() - t0
         history.append(rec)
         save_training_state(out_uri, {
             "epoch": epoch + 1, "global_step": ctx.global_step, "method": method.state_dict(),

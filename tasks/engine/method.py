@@ -23,6 +23,9 @@ class Method:
     #: False: the step calls ``ctx.backward_step(loss, optimizers)`` itself, as often as it needs
     #: (CAF steps its critic and its encoder separately).
     automatic_optimization: bool = True
+    #: True: a finished run may be continued to more epochs (schedules that do not depend on the run's
+    #: length). False for methods whose math depends on the epoch count (PT's consistency ramp).
+    extendable: bool = True
 
     optimizers: list[torch.optim.Optimizer]
 
