@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tasks.attack import AttackConfig, PointAttacker, measure_throughput  # noqa: E402
+from tasks.pasm.attack import AttackConfig, PointAttacker, measure_throughput  # noqa: E402
 from tasks.data import load_image_set  # noqa: E402
 
 SALIENCY_COST = 3  # evaluation-equivalents of the one forward + backward pass of the saliency start
@@ -53,7 +53,7 @@ def _teacher(args, workdir):
                                                test_per_class=0, pool_size=0, seed=args.seed)),
                       table, stage="bench", config={})
     if args.checkpoint:
-        from tasks.checkpoint import load_checkpoint
+        from tasks.engine.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         size = int(meta.get("input_size") or args.size)
@@ -67,7 +67,7 @@ def _teacher(args, workdir):
         res = train(cfg, [table], os.path.join(workdir, "teacher"))
         print(f"trained {args.arch} teacher: {args.train_epochs} epochs in {time.perf_counter() - t0:.0f} s, "
               f"train acc {res.metrics['train_acc']:.3f}", file=sys.stderr)
-        from tasks.checkpoint import load_checkpoint
+        from tasks.engine.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(res.checkpoint_uri, device=args.device)
         size = args.size

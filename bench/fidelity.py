@@ -8,7 +8,7 @@ What runs (every model trained on the same data; seeds change initialisation, ba
   the Table III-like occlusion and pose (> 30, > 45 degrees) splits and a cross-style test set.
   Distilled vs random real images: the distill stage's own held-out score.
 * Progressive Teacher: bench/pt_compare.py (fine-tune, Mean Teacher, PT) at 0/10/20/30% symmetric noise.
-* CAF: critic-free baseline vs CAF (tasks.caf.compare_caf); feature losses: none vs fixed vs adaptive.
+* CAF: critic-free baseline vs CAF (tasks.caf.method.compare_caf); feature losses: none vs fixed vs adaptive.
 
 Each comparison reports mean +- std over seeds and the paired (same seed) difference to its reference
 with its standard error; a claim "holds" when the paired difference is above 2 standard errors in the
@@ -47,16 +47,16 @@ def round_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
     return {
         "name": f"fidelity-s{seed}", "out": out, "seed": seed, "pipeline": "round", "report": False,
         "labeled": {"format": "synthetic", "rows_per_shard": 256,
-                    "options": {"size": 48, "train_per_class": 60 if quick else 150, "test_per_class": n_test,
+                    "options": {"size": 48, "train_per_class": 100 if quick else 150, "test_per_class": n_test,
                                 "occlusion_test_per_class": n_hard, "pose_test_per_class": n_hard,
-                                "pool_size": 200 if quick else 700}},
+                                "pool_size": 300 if quick else 700}},
         "cross": [{"format": "synthetic", "rows_per_shard": 256,
                    "options": {"size": 48, "style": "b", "seed": 1, "train_per_class": 0, "test_per_class": n_hard,
                                "pool_size": 0}}],
         "extra_test_splits": ["test_occlusion", "test_pose30", "test_pose45"],
         "align": {"size": 48},
-        "teacher": {"arch": "small_cnn", "input_size": 48, "epochs": 6 if quick else 15, "batch_size": 32,
-                    "lr": 0.02, "lr_step": 5 if quick else 12},
+        "teacher": {"arch": "small_cnn", "input_size": 48, "epochs": 10 if quick else 15, "batch_size": 32,
+                    "lr": 0.02, "lr_step": 8 if quick else 12},
         "attack": {"popsize": 16, "generations": 4 if quick else 6},
         "pasm": {"rounds": 1 if quick else 3, "beta": 0.1, "student_epochs": 3 if quick else 6},
         "mine": {"margin": 0.05},
@@ -154,11 +154,11 @@ def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[
 
 def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """CAF's Table 1/4 comparison: the critic-free baseline vs CAF, its synthetic recipe, one pair per seed."""
-    from tasks.caf import compare_caf_synthetic
-    from tasks.va_metrics import VA_METRICS
+    from tasks.caf.method import compare_caf_synthetic
+    from tasks.caf.va_metrics import VA_METRICS
 
     t = time.time()
-    # --quick: a smoke run (fewer faces and epochs); the full run keeps the recipe tasks.caf documents.
+    # --quick: a smoke run (fewer faces and epochs); the full run keeps the recipe tasks.caf.method documents.
     res = compare_caf_synthetic(os.path.join(out, "caf"), seeds=seeds,
                                 config={"epochs": 3, "lr_step": 20} if quick else None,
                                 synthetic={"train_per_class": 150, "test_per_class": 40} if quick else None)
@@ -175,7 +175,7 @@ def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> 
 
 def featloss(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """The feature-loss comparison (none vs fixed vs adaptive weights), its synthetic recipe, per seed."""
-    from tasks.featloss import compare_featloss
+    from tasks.featloss.method import compare_featloss
 
     t = time.time()
     res = compare_featloss(os.path.join(out, "featloss"), seeds=seeds,

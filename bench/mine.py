@@ -121,8 +121,8 @@ def make_model(root: str, arch: str, input_size: int, size: int, seed: int) -> t
 
     from storage.ingest import write_image_table
     from storage.synthetic import SyntheticConfig, generate
-    from tasks.centroids import CentroidConfig, compute_centroids
-    from tasks.checkpoint import save_checkpoint
+    from tasks.omni.centroids import CentroidConfig, compute_centroids
+    from tasks.engine.checkpoint import save_checkpoint
     from tasks.models import build_model
 
     torch.manual_seed(seed)
@@ -142,7 +142,7 @@ def plain_inference(ck: str, base: list[dict], batch: int, threads: int, seconds
     import torch
 
     from tasks.device import resolve_device
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.data import decode_resized, normalize
 
     before = torch.get_num_threads()
@@ -171,7 +171,7 @@ def plain_inference(ck: str, base: list[dict], batch: int, threads: int, seconds
 
 def mine_once(ck: str, cent: str, pool: str, out: str, args) -> dict:
     from storage.artifact import Artifact
-    from tasks.mine import MineConfig
+    from tasks.omni.mine import MineConfig
     from workers.mine import mine_pool
 
     rows = [s.rows for s in Artifact(pool).manifest.shards]

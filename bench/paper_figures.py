@@ -17,7 +17,7 @@ Layout: ``PAPER[method][row][test_set] -> Figure``.
 * test sets: ``"inner"`` is the paper's main inner-dataset test (RAF-DB for PASM, omni and PT);
   ``"occlusion"``, ``"pose30"``, ``"pose45"`` are Occlusion-/Pose-RAF-DB; ``"cross-<target>"`` are
   cross-dataset targets (trained on RAF-DB); CAF's test sets are the metric keys of
-  tasks.va_metrics.VA_METRICS (``"rmse_v"`` ... ``"ccc_a"``, AffectNet; other datasets prefixed,
+  tasks.caf.va_metrics.VA_METRICS (``"rmse_v"`` ... ``"ccc_a"``, AffectNet; other datasets prefixed,
   ``"aff-wild/ccc_a"``); feature losses' are the databases (``"fer2013"``, ``"ckplus"``,
   ``"oulu-casia"``, ``"mmi"``).
 

@@ -6,8 +6,8 @@ Reproduces the Table 4-style comparison of issue 8 on a CPU in minutes (one torc
 2. the pretrained start, as in the paper (Section 4.1: a backbone pretrained on a face data set), with
    flows.pt.synthetic_backbone: small_cnn trained on the clean style-"b" synthetic set of other people,
    saved without its classifier head (``--scratch`` skips it: every method starts from random weights);
-3. per noise rate (symmetric, tasks.label_noise, seed 0): fine-tune (tasks.train), Mean Teacher and PT
-   (tasks.progressive_teacher) with the same network, epochs, lr schedule and labeled images per step;
+3. per noise rate (symmetric, tasks.pt.label_noise, seed 0): fine-tune (tasks.train), Mean Teacher and PT
+   (tasks.pt.method) with the same network, epochs, lr schedule and labeled images per step;
 4. test accuracy on the data's test split and, with ``--big-test N``, on an extra test set of N images
    per class (new people, same style), whose standard error is smaller (350 test images give +-2.5%).
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     from flows.pt import synthetic_backbone, synthetic_table
     from storage.artifact import join
     from tasks.evaluate import evaluate
-    from tasks.label_noise import inject_noise
-    from tasks.progressive_teacher import PTConfig, finetune_config, mean_teacher_config, train_pt
+    from tasks.pt.label_noise import inject_noise
+    from tasks.pt.method import PTConfig, finetune_config, mean_teacher_config, train_pt
     from tasks.train import train
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

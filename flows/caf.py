@@ -26,11 +26,11 @@ SYNTHETIC = "synthetic"  # the word that stands for the embedded synthetic data 
 
 
 def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None) -> str:
-    """The synthetic valence/arousal table of a CAF run: tasks.caf.synthetic_table (tasks.caf.SYNTHETIC_DATA
+    """The synthetic valence/arousal table of a CAF run: tasks.caf.method.synthetic_table (tasks.caf.method.SYNTHETIC_DATA
     over ``options``, storage.synthetic.SyntheticConfig fields), generated once under ``<out>/data`` (the
     folder is named by the generator's config) and then reused. ValueError for unknown or mistyped options.
     """
-    from tasks.caf import synthetic_table as generate_once
+    from tasks.caf.method import synthetic_table as generate_once
 
     return generate_once(out, size, options)
 
@@ -43,7 +43,7 @@ def metric_label(key: str) -> str:
 
 def results_records(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per model (the 8 metrics, 4 decimals, and n): the rows of the results artifacts."""
-    from tasks.va_metrics import VA_METRICS
+    from tasks.caf.va_metrics import VA_METRICS
 
     out = []
     for name, m in rows.items():
@@ -58,7 +58,7 @@ def results_records(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _train(cfg: Any, train_uri: str):
     def fn(out: str) -> None:
-        from tasks.caf import train_caf
+        from tasks.caf.method import train_caf
 
         train_caf(cfg, train_uri, out)
 
@@ -67,8 +67,8 @@ def _train(cfg: Any, train_uri: str):
 
 def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, device: str):
     def fn(out: str) -> None:
-        from tasks.caf import evaluate_va
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.caf.method import evaluate_va
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
         m = evaluate_va(model_uri, test_uri, splits, device=device, scatter_png=join(out, "scatter.png"))
         atomic_write_bytes(join(out, "metrics.json"), dumps_json(m).encode())
@@ -86,17 +86,17 @@ def caf_flow(
     compare: bool = True,
     synthetic_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Baseline vs CAF (``compare``) or one model; ``config`` overrides tasks.caf.CAFConfig fields.
+    """Baseline vs CAF (``compare``) or one model; ``config`` overrides tasks.caf.method.CAFConfig fields.
 
     ``train_uri="synthetic"`` (the default; also accepted as ``test_uri``) generates the embedded
     synthetic data set under ``<out>/data`` at the config's input size (``synthetic_options``:
-    storage.synthetic.SyntheticConfig fields over tasks.caf.SYNTHETIC_DATA); training on it, ``config``
-    overrides tasks.caf.SYNTHETIC_RECIPE (what `fermine caf OUT --compare` and benchmarks run).
+    storage.synthetic.SyntheticConfig fields over tasks.caf.method.SYNTHETIC_DATA); training on it, ``config``
+    overrides tasks.caf.method.SYNTHETIC_RECIPE (what `fermine caf OUT --compare` and benchmarks run).
     ``test_uri`` defaults to ``train_uri`` and ``test_splits`` to ["test"]; returns and writes ``<out>/results.json`` with the
     8 metrics per model, ``<out>/results.md``, and the Prefect artifacts ``caf-results`` (table) and
     ``caf-summary`` (markdown).
     """
-    from tasks.caf import SYNTHETIC_RECIPE, CAFConfig
+    from tasks.caf.method import SYNTHETIC_RECIPE, CAFConfig
 
     recipe = SYNTHETIC_RECIPE if train_uri == SYNTHETIC else {}
     cfg = build_dataclass(CAFConfig, {**recipe, **dict(config or {})}, "caf")  # a mistyped setting fails first

@@ -321,7 +321,7 @@ def code_version(fn: Callable[..., Any] | None = None, *, read: Callable[[str], 
     With a stage body ``fn``: its own source (and that of the flow helpers it calls, see
     ``stage_code``) plus every module of the computing packages (storage, tasks,
     workers) it can reach, following every import statement of every reached module, top level
-    and inside functions. An edit elsewhere (another stage's module, a comment in tasks/caf.py)
+    and inside functions. An edit elsewhere (another stage's module, a comment in tasks/caf/method.py)
     leaves it unchanged, so the stage is reused. ``read`` replaces reading a module's source
     (name -> bytes; tests).
 

@@ -2,9 +2,9 @@
 
 Stages (each a flows.prefect_tasks.stage, so a rerun reuses finished ones and resumes an interrupted
 training from its last.pt): ``data-synthetic`` (only without a table), ``features`` (GABOR, GSF and
-SIFT of every image, tasks.handcrafted: computed once and shared by every variant), ``train-<variant>``
+SIFT of every image, tasks.featloss.handcrafted: computed once and shared by every variant), ``train-<variant>``
 and ``eval-<variant>`` (five-crop + mirror voting, Eq. 12). The table compares the variants of
-tasks.featloss.VARIANTS (default: no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting)
+tasks.featloss.method.VARIANTS (default: no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting)
 and is published as results.json / results.md and Prefect artifacts (flows.results).
 """
 
@@ -26,10 +26,10 @@ from storage.artifact import join
 
 
 def synthetic_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The generator options of the default data set: tasks.featloss.SYNTHETIC_DATA (the generator's default
+    """The generator options of the default data set: tasks.featloss.method.SYNTHETIC_DATA (the generator's default
     faces, a validation split for adaptive weighting, generated at the load size so that the five crops
     need no resize) under ``options``; compare_featloss uses the same."""
-    from tasks.featloss import SYNTHETIC_DATA
+    from tasks.featloss.method import SYNTHETIC_DATA
 
     return {**SYNTHETIC_DATA, **(options or {})}
 
@@ -49,7 +49,7 @@ def _synthetic(options: dict[str, Any]):
 
 def _features(table_uri: str, cfg: Any, num_classes: int):
     def fn(out: str) -> None:
-        from tasks.handcrafted import compute_features
+        from tasks.featloss.handcrafted import compute_features
 
         compute_features(table_uri, out, cfg, num_classes=num_classes)
 
@@ -58,7 +58,7 @@ def _features(table_uri: str, cfg: Any, num_classes: int):
 
 def _train(cfg: Any, table_uri: str, features_uri: str):
     def fn(out: str) -> None:
-        from tasks.featloss import train_featloss
+        from tasks.featloss.method import train_featloss
 
         train_featloss(cfg, table_uri, features_uri if cfg.features else None, out)
 
@@ -67,8 +67,8 @@ def _train(cfg: Any, table_uri: str, features_uri: str):
 
 def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str], device: str):
     def fn(out: str) -> None:
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
-        from tasks.featloss import evaluate_featloss
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.featloss.method import evaluate_featloss
 
         m = evaluate_featloss(model_uri, test_uri, splits, device=device)
         atomic_write_bytes(join(out, "metrics.json"), dumps_json(m).encode())
@@ -96,22 +96,22 @@ def featloss_flow(
 ) -> dict[str, Any]:
     """Compare feature-loss variants on ``table_uri`` (default: the synthetic data set, generated under OUT).
 
-    ``config`` overrides tasks.featloss.FeatLossConfig training fields (the variant fixes the
-    feature/structure/weighting fields), on top of tasks.featloss.SYNTHETIC_RECIPE when the data is the
-    synthetic set; ``features_config`` overrides tasks.handcrafted.HandcraftedConfig (its size defaults to
+    ``config`` overrides tasks.featloss.method.FeatLossConfig training fields (the variant fixes the
+    feature/structure/weighting fields), on top of tasks.featloss.method.SYNTHETIC_RECIPE when the data is the
+    synthetic set; ``features_config`` overrides tasks.featloss.handcrafted.HandcraftedConfig (its size defaults to
     the config's input_size); ``synthetic`` overrides synthetic_options() (its size defaults to the load
-    size). One seed of tasks.featloss.compare_featloss, as Prefect stages.
+    size). One seed of tasks.featloss.method.compare_featloss, as Prefect stages.
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
-    from tasks.checkpoint import read_meta
-    from tasks.featloss import (
+    from tasks.engine.checkpoint import read_meta
+    from tasks.featloss.method import (
         DEFAULT_VARIANTS,
         SYNTHETIC_RECIPE,
         VARIANT_TITLES,
         FeatLossConfig,
         variant_config,
     )
-    from tasks.handcrafted import HandcraftedConfig
+    from tasks.featloss.handcrafted import HandcraftedConfig
 
     names = list(variants) if variants else list(DEFAULT_VARIANTS)
     recipe = SYNTHETIC_RECIPE if table_uri is None else {}

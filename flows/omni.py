@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from storage.artifact import _fs, join
-from tasks.centroids import CentroidConfig
-from tasks.distill import DistillConfig
-from tasks.mine import MineConfig
+from tasks.omni.centroids import CentroidConfig
+from tasks.omni.distill import DistillConfig
+from tasks.omni.mine import MineConfig
 from tasks.train import TrainConfig
 
 METHODS = ("baseline", "VAS", "DAS")
@@ -91,11 +91,11 @@ def run_omni(
     ``primitive_checkpoint``: use this trained model as primitive learner and baseline instead of
     training one (it must have been trained on ``labeled_uri`` for the comparison to mean anything).
     """
-    from tasks.centroids import compute_centroids
-    from tasks.checkpoint import atomic_write_bytes, dumps_json
-    from tasks.distill import distill
+    from tasks.omni.centroids import compute_centroids
+    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
+    from tasks.omni.distill import distill
     from tasks.evaluate import evaluate
-    from tasks.mined_figure import mined_grid
+    from tasks.omni.figure import mined_grid
     from tasks.train import train
     from workers.cluster import RayConfig
     from workers.mine import mine_pool

@@ -1,6 +1,6 @@
 """The Progressive Teacher flow: noise injection -> fine-tune / Mean Teacher / PT -> evaluation -> Table 4.
 
-Per noise rate: ``noise-<kind>-<pct>`` (tasks.label_noise, skipped at 0%), ``finetune-<pct>``,
+Per noise rate: ``noise-<kind>-<pct>`` (tasks.pt.label_noise, skipped at 0%), ``finetune-<pct>``,
 ``mean-teacher-<pct>`` (with ``compare``), ``pt-<pct>``, an ``eval-*`` stage per model and a
 ``pt-report-<pct>`` stage (filtered samples per class + image grid). Every box is a stage
 (flows.prefect_tasks.stage): a rerun reuses finished stages and resumes an interrupted training
@@ -82,7 +82,7 @@ def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int
     import torch
 
     from storage.artifact import _fs
-    from tasks.checkpoint import atomic_write_bytes
+    from tasks.engine.checkpoint import atomic_write_bytes
     from tasks.models import load_state_file
     from tasks.train import TrainConfig, train
 
@@ -107,7 +107,7 @@ def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int
 
 def _inject(labeled_uri: str, kind: str, rate: float, seed: int, splits: Sequence[str]):
     def fn(out: str) -> None:
-        from tasks.label_noise import inject_noise
+        from tasks.pt.label_noise import inject_noise
 
         inject_noise(labeled_uri, out, kind, rate, seed, splits=splits)
 
@@ -125,7 +125,7 @@ def _finetune(cfg: Any, train_uri: str):
 
 def _pt(cfg: Any, train_uri: str, pool_uri: str | None, val_uri: str | None):
     def fn(out: str) -> None:
-        from tasks.progressive_teacher import train_pt
+        from tasks.pt.method import train_pt
 
         train_pt(cfg, train_uri, pool_uri, out, val_uri=val_uri)
 
@@ -134,7 +134,7 @@ def _pt(cfg: Any, train_uri: str, pool_uri: str | None, val_uri: str | None):
 
 def _report(run_uri: str, train_uri: str, size: int):
     def fn(out: str) -> None:
-        from tasks.pt_report import write_report
+        from tasks.pt.report import write_report
 
         write_report(run_uri, train_uri, out, size=size)
 
@@ -143,7 +143,7 @@ def _report(run_uri: str, train_uri: str, size: int):
 
 def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, device: str):
     def fn(out: str) -> None:
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
         from tasks.evaluate import evaluate, save_confusion_png
 
         ev = evaluate(model_uri, test_uri, splits=splits, device=device)
@@ -176,10 +176,10 @@ def pt_flow(
     split as the unlabeled pool and its ``test`` split for testing, unless ``pool_uri``/``test_uri`` are
     given, with SYNTHETIC_RECIPE under ``config``; with ``synthetic_pretrain`` (and no ``pretrained`` in
     ``config``) every method starts from the backbone of :func:`synthetic_backbone`, as the paper starts
-    from a pretrained one. ``config`` overrides tasks.progressive_teacher.PTConfig fields; ``test_uri``
+    from a pretrained one. ``config`` overrides tasks.pt.method.PTConfig fields; ``test_uri``
     defaults to ``labeled_uri`` and ``test_splits`` to ["test"]; ``noise_rates`` to [0, 0.1, 0.2, 0.3].
     """
-    from tasks.progressive_teacher import PTConfig, finetune_config, mean_teacher_config
+    from tasks.pt.method import PTConfig, finetune_config, mean_teacher_config
 
     overrides = dict(config or {})
     if labeled_uri == SYNTHETIC:

@@ -6,7 +6,7 @@ config.json, PNG figures); images are embedded as data URIs so the page can be m
 Figures are grouped by what they show, recognised by the file names the stages write:
 ``curves.png`` (tasks.train), ``*confusion*.png`` (tasks.train / flows.steps.evaluate),
 ``pasm-rounds.png`` / ``erased_samples.png`` (the attack figure), ``mined*.png`` (mined samples per
-class), ``distilled*.png`` (distilled images), ``scatter*.png`` (valence/arousal, tasks.caf); anything else lands in "Other figures".
+class), ``distilled*.png`` (distilled images), ``scatter*.png`` (valence/arousal, tasks.caf.method); anything else lands in "Other figures".
 
 The page carries a tiny self-check script: after loading it marks every image ``data-rendered="1"``
 or ``"0"``, and records the count on ``<html data-images-rendered="ok/total">`` and any script or

@@ -33,14 +33,14 @@ def align_config(overrides: Mapping[str, Any], section: str = "align"):
 
 
 def attack_config(overrides: Mapping[str, Any], seed: int):
-    from tasks.attack import AttackConfig
+    from tasks.pasm.attack import AttackConfig
 
     return build_dataclass(AttackConfig, {"seed": seed, **overrides}, "attack").validate()
 
 
 def pasm_config(overrides: Mapping[str, Any], teacher_cfg: Any, attack_cfg: Any):
     """PASM's settings; its training and attack recipes are the run's teacher and attack sections."""
-    from tasks.pasm import PasmConfig
+    from tasks.pasm.rounds import PasmConfig
 
     for nested in ("train", "attack"):
         if nested in overrides:
@@ -55,38 +55,38 @@ def round_attack_config(attack_cfg: Any, r: int):
 
 
 def baseline_config(teacher_cfg: Any, seed: int, random_erasing: float = 0.0):
-    from tasks.pasm import baseline_train_config
+    from tasks.pasm.rounds import baseline_train_config
 
     return baseline_train_config(teacher_cfg, seed, random_erasing)
 
 
 def cam_config(splits: Sequence[str]):
-    from tasks.cam import CamConfig
+    from tasks.pasm.cam import CamConfig
 
     return CamConfig(splits=tuple(splits))
 
 
 def erase_config(pasm_cfg: Any, *, random_position: bool, seed: int):
-    from tasks.pasm import erase_config_for
+    from tasks.pasm.rounds import erase_config_for
 
     return erase_config_for(pasm_cfg, random_position=random_position, seed=seed,
                             image_size=pasm_cfg.train.input_size)
 
 
 def student_config(teacher_cfg: Any, pasm_cfg: Any, seed: int):
-    from tasks.pasm import student_train_config
+    from tasks.pasm.rounds import student_train_config
 
     return student_train_config(teacher_cfg, pasm_cfg, seed=seed)
 
 
 def centroid_config(overrides: Mapping[str, Any]):
-    from tasks.centroids import CentroidConfig
+    from tasks.omni.centroids import CentroidConfig
 
     return build_dataclass(CentroidConfig, dict(overrides), "centroids")
 
 
 def mine_config(overrides: Mapping[str, Any]):
-    from tasks.mine import MineConfig
+    from tasks.omni.mine import MineConfig
 
     return build_dataclass(MineConfig, dict(overrides), "mine")
 
@@ -104,7 +104,7 @@ def run_distill_config(cfg: Any, retrain_cfg: Any):
 
 
 def distill_config(overrides: Mapping[str, Any], seed: int):
-    from tasks.distill import DistillConfig
+    from tasks.omni.distill import DistillConfig
 
     return build_dataclass(DistillConfig, {"seed": seed, **overrides}, "distill")
 
@@ -307,7 +307,7 @@ def attack(cfg: Any, teacher_uri: str, table_uri: str, ray_section: RaySection) 
 def erase(cfg: Any, table_uri: str, positions_uri: str | None) -> StageFn:
     """Erase at the attack's positions, or at random positions when ``positions_uri`` is None."""
     def fn(out: str) -> None:
-        from tasks.erase import erase_table
+        from tasks.pasm.erase import erase_table
 
         if not _committed(out):
             erase_table(table_uri, positions_uri, out, cfg)
@@ -317,7 +317,7 @@ def erase(cfg: Any, table_uri: str, positions_uri: str | None) -> StageFn:
 
 def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, teacher_uri: str) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.pasm import train_student
+        from tasks.pasm.rounds import train_student
 
         train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out,
                       progress=epoch_logger("student", train_cfg.epochs))
@@ -327,7 +327,7 @@ def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, tea
 
 def cam(cfg: Any, teacher_uri: str, table_uri: str) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.cam import cam_table
+        from tasks.pasm.cam import cam_table
 
         if not _committed(out):
             cam_table(teacher_uri, table_uri, out, cfg)
@@ -338,7 +338,7 @@ def cam(cfg: Any, teacher_uri: str, table_uri: str) -> StageFn:
 def pasm_figure(rows: list[dict[str, str]], images_uri: str) -> StageFn:
     def fn(out: str) -> None:
         from tasks.figures import draw_safely
-        from tasks.pasm_figure import pasm_figure as draw
+        from tasks.pasm.figure import pasm_figure as draw
 
         draw_safely("PASM rounds", draw, images_uri, [r["erased"] for r in rows], join(out, "pasm-rounds.png"))
 
@@ -347,7 +347,7 @@ def pasm_figure(rows: list[dict[str, str]], images_uri: str) -> StageFn:
 
 def centroids(cfg: Any, model_uri: str, labeled_uri: str) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.centroids import compute_centroids
+        from tasks.omni.centroids import compute_centroids
 
         compute_centroids(model_uri, labeled_uri, out, cfg)
 
@@ -359,8 +359,8 @@ def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_sectio
     """Mine the pool; refused before any work when its mined rows share ids with a test set."""
     def fn(out: str) -> None:
         from tasks.figures import draw_safely
-        from tasks.mine import check_disjoint
-        from tasks.mined_figure import mined_grid
+        from tasks.omni.mine import check_disjoint
+        from tasks.omni.figure import mined_grid
         from workers.mine import mine_pool
 
         from storage.artifact import Artifact
@@ -378,7 +378,7 @@ def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_sectio
 
 def distill(cfg: Any, table_uri: str) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.distill import distill as run_distill
+        from tasks.omni.distill import distill as run_distill
 
         log, every = _logger(), max(1, cfg.outer_steps // 10)
 

@@ -1,7 +1,7 @@
 """The one definition of synthetic label noise (Progressive Teacher paper, Section 4.3.2).
 
 It lives in ``storage`` so that both the synthetic generator (storage/synthetic.py, which may
-corrupt its own training labels) and the noise-injection stage (tasks/label_noise.py, which
+corrupt its own training labels) and the noise-injection stage (tasks/pt/label_noise.py, which
 corrupts any image table) draw noise the same way; ``tasks`` may import ``storage`` but not the
 reverse.
 

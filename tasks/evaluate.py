@@ -152,7 +152,7 @@ def evaluate(checkpoint_uri: str, test_uri: str, splits: Sequence[str] | None = 
     ``progress`` gets ``{"rows", "labeled", "total_rows", "images_per_s"}`` after each batch the model has
     seen (rows read so far, of them labeled in ``splits``, rows in the table, labeled images per second).
     """
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.device import resolve_device
 
     dev = resolve_device(device)

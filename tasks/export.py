@@ -81,7 +81,7 @@ def preprocessing(meta: dict[str, Any], fmt: str, file: str) -> dict[str, Any]:
 def export_model(checkpoint_uri: str, out_dir: str, fmt: str = "onnx") -> str:
     """Export the checkpoint to ``out_dir/model.onnx`` or ``out_dir/model.ts`` and write
     ``out_dir/preprocessing.json``; returns the model file's path."""
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tasks.checkpoint import atomic_write_bytes
+from tasks.engine.checkpoint import atomic_write_bytes
 
 log = logging.getLogger("fermine.figures")
 

@@ -22,7 +22,7 @@ def _pyplot():
 def _save(fig, path: str) -> None:
     import io
 
-    from tasks.checkpoint import atomic_write_bytes
+    from tasks.engine.checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

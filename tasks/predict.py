@@ -199,7 +199,7 @@ def predict_photos(
     import torch
 
     from tasks.align import AlignConfig, detect_and_align, make_detector
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.data import MEAN, STD, normalize
 
     photos = find_photos(paths)

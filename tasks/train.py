@@ -25,8 +25,8 @@ from tasks.engine import Recipe, StepContext, build_optimizer, fit
 from tasks.engine.loaders import labeled_source, load_labeled
 from tasks.engine.method import Method
 from tasks.engine.seeding import FLIP, TRANSFORM
-from tasks.checkpoint import weights_digest
-from tasks.erase import random_erasing_batch
+from tasks.engine.checkpoint import weights_digest
+from tasks.pasm.erase import random_erasing_batch
 from tasks.models import FERNet, build_model, load_pretrained
 
 __all__ = ["Supervised", "TrainConfig", "TrainResult", "load_labeled", "train", "training_loss"]

@@ -9,7 +9,7 @@ from torch import nn
 from storage.artifact import Artifact, ArtifactWriter, ShardedWriter, join
 from storage.images import encode
 from storage.schema import IMAGE_SCHEMA, image_row
-from tasks.attack import (
+from tasks.pasm.attack import (
     POSITIONS_SCHEMA,
     AttackConfig,
     PointAttacker,
@@ -241,7 +241,7 @@ def test_bad_configs_and_inputs_are_refused():
 
 
 def _teacher(path, size=32):
-    from tasks.checkpoint import save_checkpoint
+    from tasks.engine.checkpoint import save_checkpoint
     from tasks.models import build_model
 
     torch.manual_seed(0)
@@ -292,7 +292,7 @@ def test_ray_stage_matches_in_process_and_resumes(tmp_path, ray_local):
     attack_table(teacher, table, local, TINY)
     out = str(tmp_path / "ray")
     # A previous, interrupted run finished shard 1: it must be kept, not recomputed.
-    from tasks.attack import resume_guard, stage_config
+    from tasks.pasm.attack import resume_guard, stage_config
 
     resume_guard(out, stage_config(TINY, teacher), {"table": Artifact(table).digest})
     sentinel = Artifact(local).read_shard(1)
@@ -337,7 +337,7 @@ def _dying_attack_factory(checkpoint_uri, cfg, marker):
 def test_killed_ray_worker_mid_shard_leaves_every_row_exactly_once(tmp_path, ray_local):
     import functools
 
-    from tasks.attack import REJECTS_TABLE_SCHEMA
+    from tasks.pasm.attack import REJECTS_TABLE_SCHEMA
     from workers.sharded import PoolConfig, run_sharded
 
     table = _table(tmp_path / "t", n=12, per_shard=4)

@@ -13,11 +13,11 @@ from skimage.filters import threshold_otsu
 from storage.artifact import MANIFEST
 from storage.images import encode
 from storage.ingest import write_image_table
-from tasks.caf import (CAFConfig, adaptive_k, compare_caf, confidence_delta, critic_loss, evaluate_va, margin_for,
+from tasks.caf.method import (CAFConfig, adaptive_k, compare_caf, confidence_delta, critic_loss, evaluate_va, margin_for,
                        mutual_information, otsu_thresholds, train_caf, weak_strong_split)
-from tasks.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from tasks.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from tasks.engine import ResumeMismatch
-from tasks.va_metrics import VA_METRICS
+from tasks.caf.va_metrics import VA_METRICS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -388,7 +388,7 @@ def test_cli_compare_on_the_synthetic_data_trains_with_the_benchmark_recipe(tmp_
     critic-free baseline properly: the paper's 1e-4 for 80 updates left it at CCC 0.09 / 0.24), and gives the
     same numbers as compare_caf_synthetic, the benchmarks' entry point, for the same seed."""
     from flows.cli import main
-    from tasks.caf import SYNTHETIC_RECIPE, compare_caf_synthetic
+    from tasks.caf.method import SYNTHETIC_RECIPE, compare_caf_synthetic
 
     synth = [a for k, v in TINY_SYNTHETIC.items() for a in ("--synthetic-option", f"{k}={v}")]
     main(["caf", str(tmp_path / "cli"), "--compare", "--epochs", "1", "--device", "cpu", *synth])

@@ -1,8 +1,8 @@
 """A stage's code version covers the code that computes it, not the whole tree; `--rerun STAGE`.
 
 The real stage bodies of flows/steps.py are built with small configs and never run: their code
-versions are computed with module sources read through a hook, so "editing" tasks/caf.py or
-tasks/attack.py here never touches the real files.
+versions are computed with module sources read through a hook, so "editing" tasks/caf/method.py or
+tasks/pasm/attack.py here never touches the real files.
 """
 
 import hashlib
@@ -53,19 +53,19 @@ def bodies():
 
 def test_editing_caf_leaves_every_round_stage_version_unchanged(bodies):
     for name, fn in bodies.items():
-        assert "tasks.caf" not in reached_modules(stage_code(fn).roots), name
+        assert "tasks.caf.method" not in reached_modules(stage_code(fn).roots), name
         before = code_version(fn, read=read_module)
         assert before == code_version(fn)  # the hook reading the real files = the cached default
-        assert code_version(fn, read=_edited("tasks.caf")) == before, name
+        assert code_version(fn, read=_edited("tasks.caf.method")) == before, name
     # The whole-tree version (the old rule, still the fallback) does change: that was the bug.
-    assert code_version(read=_edited("tasks.caf")) != code_version(read=read_module)
+    assert code_version(read=_edited("tasks.caf.method")) != code_version(read=read_module)
 
 
 def test_editing_the_attack_changes_the_attack_and_its_dependents_not_upstream(bodies):
-    edit = _edited("tasks.attack")
+    edit = _edited("tasks.pasm.attack")
     changed = {name for name, fn in bodies.items() if code_version(fn, read=edit) != code_version(fn)}
     assert "attack" in changed
-    assert "student" in changed  # tasks.pasm (the student's training) imports tasks.attack
+    assert "student" in changed  # tasks.pasm.rounds (the student's training) imports tasks.pasm.attack
     for upstream in ("ingest", "align", "teacher", "evaluate"):
         assert upstream not in changed, upstream
     edit = _edited("workers.attack")  # the Ray side of the attack: the attack stage only
@@ -75,7 +75,7 @@ def test_editing_the_attack_changes_the_attack_and_its_dependents_not_upstream(b
 def test_reached_modules_follow_lazy_imports_submodules_and_dynamic_loading(bodies):
     teacher = reached_modules(stage_code(bodies["teacher"]).roots)
     # tasks.train imports tasks.evaluate inside a function; tasks.evaluate does `from tasks import metrics`.
-    assert {"tasks.train", "tasks.evaluate", "tasks.metrics", "tasks.checkpoint", "tasks.models"} <= set(teacher)
+    assert {"tasks.train", "tasks.evaluate", "tasks.metrics", "tasks.engine.checkpoint", "tasks.models"} <= set(teacher)
     assert "storage" in teacher  # importing storage.artifact runs storage/__init__.py
     # storage.readers loads every reader with importlib/pkgutil: the ingest stage reaches them all.
     ingest = reached_modules(stage_code(bodies["ingest"]).roots)
@@ -119,17 +119,17 @@ def _toy_round(run, calls):
         from workers.attack import attack_artifact  # noqa: F401
 
         calls.append("attack")
-        # A real fix of the attack changes what it writes: the output follows tasks/attack.py's source.
-        _write(out, hashlib.sha256(stage_mod.read_module("tasks.attack")).hexdigest())
+        # A real fix of the attack changes what it writes: the output follows tasks/pasm/attack.py's source.
+        _write(out, hashlib.sha256(stage_mod.read_module("tasks.pasm.attack")).hexdigest())
 
     def erase(out):
-        from tasks.erase import erase_table  # noqa: F401
+        from tasks.pasm.erase import erase_table  # noqa: F401
 
         calls.append("erase")
         _write(out, "erased")
 
     def student(out):
-        from tasks.pasm import train_student  # noqa: F401
+        from tasks.pasm.rounds import train_student  # noqa: F401
 
         calls.append("student")
         _write(out, "student")
@@ -149,7 +149,7 @@ def test_round_reuse_after_edits_through_run_stage(tmp_path, monkeypatch):
     assert calls == ["ingest", "teacher", "attack", "erase", "student"]
 
     real = stage_mod.read_module
-    for edited, recomputed in ((("tasks.caf",), []), (("tasks.attack",), ["attack", "erase", "student"])):
+    for edited, recomputed in ((("tasks.caf.method",), []), (("tasks.pasm.attack",), ["attack", "erase", "student"])):
         monkeypatch.setattr(stage_mod, "read_module", lambda m, e=edited: real(m) + b"\n# edit\n" if m in e else real(m))
         code_version.cache_clear()
         calls.clear()

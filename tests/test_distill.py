@@ -10,7 +10,7 @@ import torch
 from storage.artifact import Artifact, ArtifactWriter, _fs
 from storage.images import decode, encode
 from storage.schema import IMAGE_SCHEMA, image_row
-from tasks.distill import (
+from tasks.omni.distill import (
     DistillConfig,
     _pixel_bounds,
     distill,

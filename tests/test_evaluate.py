@@ -10,7 +10,7 @@ import torch
 from storage.images import decode, encode
 from storage.ingest import write_image_table
 from tasks import metrics as M
-from tasks.checkpoint import save_checkpoint
+from tasks.engine.checkpoint import save_checkpoint
 from tasks.data import normalize
 from tasks.evaluate import EvalResult, evaluate, evaluate_images, save_confusion_png
 from tasks.models import build_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.checkpoint import save_checkpoint
+from tasks.engine.checkpoint import save_checkpoint
 from tasks.export import PREPROCESSING_FILE, export_model
 from tasks.models import build_model
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from storage.ingest import write_image_table
 from storage.synthetic import SyntheticConfig, generate
-from tasks.featloss import (
+from tasks.featloss.method import (
     SYNTHETIC_RECIPE,
     FeatLossConfig,
     FeatLossNet,
@@ -33,7 +33,7 @@ from tasks.featloss import (
     variant_config,
     vote,
 )
-from tasks.handcrafted import HandcraftedConfig, compute_features
+from tasks.featloss.handcrafted import HandcraftedConfig, compute_features
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,7 +158,7 @@ def test_five_crops_mirrors_and_voting_eq12():
 
 
 def test_mirrored_views_are_guided_by_the_mirrored_images_features():
-    from tasks.featloss import _pick
+    from tasks.featloss.method import _pick
 
     orig, mirrored = torch.eye(3), -torch.eye(3)
     out = _pick({"gsf": (orig, mirrored)}, "gsf", torch.tensor([2, 0]), torch.tensor([True, False]), torch.device("cpu"))
@@ -384,16 +384,16 @@ def test_rerun_on_another_table_or_features_is_refused(data, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_checkpoint_is_the_common_format(data, tmp_path):
-    """model.pt + model.json: tasks.checkpoint rebuilds the network as a classifier, so the generic evaluate
+    """model.pt + model.json: tasks.engine.checkpoint rebuilds the network as a classifier, so the generic evaluate
     (and predict / export) take it; a fermine 0.1 featloss.json folder is refused with how to convert."""
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.evaluate import evaluate
 
     table, feats = data
     out = str(tmp_path / "b")
     train_featloss(variant_config("branched-fixed", _tiny(epochs=1)), table, feats, out)
     meta = json.load(open(f"{out}/model.json"))
-    assert meta["model"] == {"builder": "tasks.featloss:network_from_meta"} and meta["method"] == "featloss"
+    assert meta["model"] == {"builder": "tasks.featloss.method:network_from_meta"} and meta["method"] == "featloss"
     assert meta["task"] == "classification" and meta["structure"] == "branched" and meta["lambdas"] == [1.0, 1.0]
     assert (meta["input_size"], meta["load_size"], meta["num_classes"]) == (28, 32, 7) and len(meta["classes"]) == 7
     assert not os.path.exists(f"{out}/featloss.json")

@@ -13,8 +13,8 @@ from storage.images import encode
 from storage.ingest import write_image_table
 from storage.schema import image_row
 from tasks.figures import draw_safely, image_grid
-from tasks.mine import AUX_SCHEMA
-from tasks.mined_figure import mined_grid
+from tasks.omni.mine import AUX_SCHEMA
+from tasks.omni.figure import mined_grid
 
 PNG = b"\x89PNG"
 
@@ -61,7 +61,7 @@ def test_a_figure_error_after_the_metrics_does_not_fail_evaluation(tmp_path, mon
 
     import tasks.evaluate
     from flows import steps
-    from tasks.checkpoint import save_checkpoint
+    from tasks.engine.checkpoint import save_checkpoint
     from tasks.models import build_model
 
     rng = np.random.default_rng(1)

@@ -7,7 +7,7 @@ import pytest
 from storage.ingest import write_image_table
 from storage.synthetic import SyntheticConfig, generate
 from tasks.data import decode_resized
-from tasks.handcrafted import (
+from tasks.featloss.handcrafted import (
     HandcraftedConfig,
     PatchProjection,
     _gray,
@@ -115,7 +115,7 @@ def test_features_artifact_one_row_per_image_with_all_kinds(table, features):
 
 
 def test_features_are_computed_once_then_reused(table, features, monkeypatch):
-    import tasks.handcrafted as hc
+    import tasks.featloss.handcrafted as hc
     from storage.artifact import Artifact
 
     before = Artifact(features).manifest

@@ -10,7 +10,7 @@ from storage.artifact import Artifact, ArtifactWriter
 from storage.images import encode
 from storage.label_noise import corrupt_labels
 from storage.schema import CLASS_INDEX, IMAGE_SCHEMA, NUM_CLASSES, image_row
-from tasks.label_noise import (CLEAN_LABEL, apply_noise, asymmetric_noise, inject_noise, noise_spec,
+from tasks.pt.label_noise import (CLEAN_LABEL, apply_noise, asymmetric_noise, inject_noise, noise_spec,
                                symmetric_noise)
 
 FEAR, SURPRISE = CLASS_INDEX["fear"], CLASS_INDEX["surprise"]

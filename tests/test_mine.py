@@ -12,9 +12,9 @@ import torch
 from storage.artifact import Artifact, ArtifactWriter, _fs
 from storage.images import encode
 from storage.schema import CLASSES, IMAGE_SCHEMA, image_row
-from tasks.centroids import CentroidConfig, compute_centroids, load_centroids
-from tasks.checkpoint import save_checkpoint
-from tasks.mine import AUX_SCHEMA, MineConfig, build_processor, select, similarities
+from tasks.omni.centroids import CentroidConfig, compute_centroids, load_centroids
+from tasks.engine.checkpoint import save_checkpoint
+from tasks.omni.mine import AUX_SCHEMA, MineConfig, build_processor, select, similarities
 from tasks.models import build_model
 
 SIZE = 32
@@ -112,7 +112,7 @@ class _MeanColour(torch.nn.Module):
 
 
 def test_processor_scores_match_hand_computation(rng):
-    from tasks.mine import MineProcessor
+    from tasks.omni.mine import MineProcessor
 
     cents = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.2, 0.2, 1.0]], np.float32)
     imgs = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
@@ -153,7 +153,7 @@ def test_centroids_equal_numpy_class_means(tmp_path, rng):
     m = compute_centroids(ck, lab, str(tmp_path / "cent"), CentroidConfig(batch_size=7))
     labels, cents = load_centroids(str(tmp_path / "cent"))
 
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(ck)
     data = load_image_set(lab, SIZE, splits=["train"])
@@ -299,7 +299,7 @@ def test_trained_model_keeps_faces_and_rejects_noise(tmp_path, ray_local):
 
 
 def test_mined_grid_rows_sorted_by_confidence(tmp_path, rng):
-    from tasks.mined_figure import mined_grid, pick
+    from tasks.omni.figure import mined_grid, pick
 
     sims = np.array([0.2, 0.9, 0.5, 0.7, 0.1])
     assert pick(sims, 2, "top").tolist() == [1, 3]
@@ -365,7 +365,7 @@ def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):
 
     from storage.ingest import write_image_table
     from storage.synthetic import SyntheticConfig, generate
-    from tasks.distill import DistillConfig
+    from tasks.omni.distill import DistillConfig
     from flows.omni import OmniConfig, load_results, run_omni
     from tasks.train import TrainConfig
 
@@ -401,7 +401,7 @@ def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):
 def test_default_pool_rows_leave_evaluation_splits_out():
     import pyarrow as pa
 
-    from tasks.mine import mined_rows
+    from tasks.omni.mine import mined_rows
 
     split = pa.array(["train", "pool", "test", "test_occlusion", "val", "validation", None, "unlabeled"])
     assert mined_rows(split, None).to_pylist() == [True, True, False, False, False, False, True, True]
@@ -410,7 +410,7 @@ def test_default_pool_rows_leave_evaluation_splits_out():
 
 
 def test_processor_skips_test_rows_by_default(rng):
-    from tasks.mine import MineProcessor
+    from tasks.omni.mine import MineProcessor
 
     cents = np.eye(3, dtype=np.float32)
     rows = labeled_rows(1, rng, split="test", prefix="t") + labeled_rows(1, rng, split="pool", prefix="p")
@@ -423,7 +423,7 @@ def test_processor_skips_test_rows_by_default(rng):
 
 
 def test_mining_refuses_a_pool_that_shares_ids_with_a_test_set(tmp_path, rng):
-    from tasks.mine import check_disjoint
+    from tasks.omni.mine import check_disjoint
 
     table = write_table(str(tmp_path / "t"), labeled_rows(1, rng, "test", "x") + labeled_rows(1, rng, "pool", "p"))
     check_disjoint(table, None, {"inner": (table, ("test",))})  # default splits: no test row is mined

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks import models as M
-from tasks.checkpoint import atomic_write_bytes, load_checkpoint, read_meta, save_checkpoint
+from tasks.engine.checkpoint import atomic_write_bytes, load_checkpoint, read_meta, save_checkpoint
 from tasks.models import FERNet, available_models, build_model, load_pretrained
 
 

@@ -33,21 +33,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import tasks.distill as distill_mod
+import tasks.omni.distill as distill_mod
 import tasks.models as models_mod
 from storage.artifact import Artifact, ArtifactWriter
 from storage.images import encode
 from storage.ingest import write_image_table
 from storage.schema import image_row
-from tasks.caf import CAF, CAFConfig
+from tasks.caf.method import CAF, CAFConfig
 from tasks.data import normalize
-from tasks.distill import DistillConfig, learn_distilled, make_net
+from tasks.omni.distill import DistillConfig, learn_distilled, make_net
 from tasks.engine import StepContext
-from tasks.featloss import FeatLossConfig, train_featloss, variant_config
-from tasks.handcrafted import STAGE as FEATURES_STAGE
-from tasks.handcrafted import feature_schema
+from tasks.featloss.method import FeatLossConfig, train_featloss, variant_config
+from tasks.featloss.handcrafted import STAGE as FEATURES_STAGE
+from tasks.featloss.handcrafted import feature_schema
 from tasks.models import FERNet
-from tasks.progressive_teacher import PTConfig, PTNet, pt_step
+from tasks.pt.method import PTConfig, PTNet, pt_step
 
 
 @pytest.fixture(autouse=True)

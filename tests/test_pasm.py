@@ -10,8 +10,8 @@ import torch
 from storage.artifact import Artifact, ArtifactWriter
 from storage.images import decode, encode
 from storage.schema import IMAGE_SCHEMA, image_row
-from tasks.attack import POSITIONS_SCHEMA
-from tasks.erase import EraseConfig, erase, erase_batch, erase_table, region, side_pixels
+from tasks.pasm.attack import POSITIONS_SCHEMA
+from tasks.pasm.erase import EraseConfig, erase, erase_batch, erase_table, region, side_pixels
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -156,8 +156,8 @@ def test_pasm_cli_end_to_end_and_resume(tmp_path, capsys):
 @pytest.mark.slow
 def test_pasm_rounds_ablations_and_figure(tmp_path):
     """Two rounds of the no-teacher random-erasing ablation: the student of round 1 is round 2's teacher."""
-    from tasks.attack import AttackConfig
-    from tasks.pasm import PasmConfig, run_pasm
+    from tasks.pasm.attack import AttackConfig
+    from tasks.pasm.rounds import PasmConfig, run_pasm
     from tasks.train import TrainConfig
 
     table = _synthetic_table(tmp_path / "t")
@@ -176,7 +176,7 @@ def test_pasm_rounds_ablations_and_figure(tmp_path):
 
 
 def test_pasm_figure_rows(tmp_path):
-    from tasks.pasm_figure import pasm_figure
+    from tasks.pasm.figure import pasm_figure
 
     table = _table(tmp_path / "t")
     erased = []
@@ -199,13 +199,13 @@ def test_pasm_figure_rows(tmp_path):
 
 
 def test_pasm_config_is_validated():
-    from tasks.pasm import PasmConfig
+    from tasks.pasm.rounds import PasmConfig
 
     with pytest.raises(ValueError, match="rounds"):
         PasmConfig(rounds=0).validate()
     with pytest.raises(ValueError, match="student_init"):
         PasmConfig(student_init="imagenet").validate()
     with pytest.raises(ValueError, match="fill"):
-        from tasks.erase import EraseConfig as E
+        from tasks.pasm.erase import EraseConfig as E
 
         PasmConfig(erase=E(fill="blur")).validate()

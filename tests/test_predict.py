@@ -11,7 +11,7 @@ from skimage import data
 
 from storage.images import decode, encode
 from tasks.align import make_detector
-from tasks.checkpoint import save_checkpoint
+from tasks.engine.checkpoint import save_checkpoint
 from tasks.models import build_model
 from tasks.predict import PredictConfig, annotate, find_photos, predict_photos, summarize, write_results
 
@@ -82,7 +82,7 @@ def test_blank_and_corrupt_photos_are_reported_not_errors(results):
 
 def test_probabilities_match_the_model_on_the_aligned_face(checkpoint, results, detector):
     from tasks.align import AlignConfig, detect_and_align
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.data import normalize
 
     model, meta = load_checkpoint(checkpoint)
@@ -102,7 +102,7 @@ def test_faces_are_aligned_at_the_training_tables_size_then_resized(checkpoint, 
     from storage.artifact import ArtifactWriter
     from storage.schema import IMAGE_SCHEMA, image_row
     from tasks.align import AlignConfig, detect_and_align
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.data import decode_resized, normalize
     from tasks.predict import ALIGN_STAGE, training_align_size
     from workers.align import STAGE
@@ -135,11 +135,10 @@ def test_tiny_face_is_listed_without_prediction(checkpoint, tmp_path, detector):
 
 
 def test_valence_arousal_model_gives_tanh_outputs(tmp_path, photos, detector):
-    from tasks import caf
-
+    from tasks.caf import method as caf
     torch.manual_seed(2)
     ck = str(tmp_path / "va")
-    # The meta keys tasks.caf.train_caf writes for a CAF / valence-arousal baseline checkpoint.
+    # The meta keys tasks.caf.method.train_caf writes for a CAF / valence-arousal baseline checkpoint.
     save_checkpoint(ck, build_model("small_cnn", 2), {"input_size": SIZE, "task": caf.TASK, "classes": list(caf.OUTPUTS),
                                                        "outputs": list(caf.OUTPUTS), "output_activation": "tanh"})
     (r,) = predict_photos(ck, [str(photos / "astronaut.jpg")], detector=detector)

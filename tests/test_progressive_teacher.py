@@ -1,4 +1,4 @@
-"""Progressive Teacher (tasks/progressive_teacher.py): the paper's formulas, the routing of selected
+"""Progressive Teacher (tasks/pt/method.py): the paper's formulas, the routing of selected
 samples between pairs, and the mechanism on a small noisy set (noisy labels are filtered out far
 more often than clean ones)."""
 
@@ -17,9 +17,9 @@ from storage.images import encode
 from storage.schema import IMAGE_SCHEMA, image_row
 from tasks.data import normalize
 from tasks.engine import ResumeMismatch
-from tasks.label_noise import inject_noise
+from tasks.pt.label_noise import inject_noise
 from tasks.models import FERNet
-from tasks.progressive_teacher import (PTConfig, PTNet, consistency_weight, ema_alpha, ema_update,
+from tasks.pt.method import (PTConfig, PTNet, consistency_weight, ema_alpha, ema_update,
                                        mean_teacher_config, pt_step, resolve_forget_rate, routing, selection_ratio,
                                        small_loss_selection, train_pt)
 
@@ -112,7 +112,7 @@ def test_config_validation_and_forget_rate_rule():
 
 
 def test_finetune_baseline_is_matched_to_the_pt_recipe():
-    from tasks.progressive_teacher import finetune_config
+    from tasks.pt.method import finetune_config
 
     t = finetune_config(PTConfig())
     assert (t.epochs, t.batch_size, t.lr, t.lr_schedule, t.lr_milestones, t.lr_gamma, t.weight_decay) == \
@@ -325,7 +325,7 @@ def test_pt_filters_noisy_labels_far_more_than_clean_ones(noisy_colors, tmp_path
     assert res.history[-1]["ratio"] == pytest.approx(0.6)
 
     # The saved teacher is an ordinary checkpoint: tasks.evaluate reads it, and it learned the classes.
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.evaluate import evaluate
 
     model, meta = load_checkpoint(res.checkpoint_uri)
@@ -342,7 +342,7 @@ def test_pt_filters_noisy_labels_far_more_than_clean_ones(noisy_colors, tmp_path
     assert summary["label_noise"]["kind"] == "symmetric" and summary["metrics"]["config"]["n_pairs"] == 2
 
     # Report: per class counts add up, and a figure is drawn.
-    from tasks.pt_report import write_report
+    from tasks.pt.report import write_report
 
     rep = write_report(out, noisy, size=16)
     total = rep.rows[-1]
@@ -362,7 +362,7 @@ def test_pt_filters_noisy_labels_far_more_than_clean_ones(noisy_colors, tmp_path
 
 
 def test_large_pools_stream_through_a_bounded_shuffle_buffer(noisy_colors):
-    from tasks.progressive_teacher import _Pool
+    from tasks.pt.method import _Pool
 
     clean, _ = noisy_colors
     streamed = _Pool(clean, 16, ["pool"], buffer_rows=32)  # 140 pool rows > 32: streamed, not cached
@@ -403,7 +403,7 @@ def test_interrupted_run_resumes_to_identical_result(noisy_colors, tmp_path):
     with pytest.raises(_Stop):
         train_pt(cfg, noisy, clean, part, progress=stop_after_first_epoch)
     resumed = train_pt(cfg, noisy, clean, part)
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     a, _ = load_checkpoint(full.checkpoint_uri)
     b, _ = load_checkpoint(resumed.checkpoint_uri)
@@ -426,7 +426,7 @@ def test_interrupted_run_resumes_to_identical_result(noisy_colors, tmp_path):
 def test_resume_keeps_the_validation_choice_and_confidence_state(noisy_colors, tmp_path):
     # With a validation table the best (epoch, pair) teacher's weights live in the method's state, and
     # the confidence penalties' lambdas too: a run killed after epoch 1 still ends bit-identical.
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     clean, noisy = noisy_colors
     cfg = _tiny_cfg(epochs=2, val_splits=("test",), confidence_estimator=True)
@@ -528,7 +528,7 @@ def tiny_pretraining(monkeypatch):
 
 def test_synthetic_backbone_is_headless_reused_and_pairs_get_their_own_heads(tmp_path):
     from flows.pt import synthetic_backbone
-    from tasks.progressive_teacher import _build_pair_nets
+    from tasks.pt.method import _build_pair_nets
 
     w = synthetic_backbone(str(tmp_path), 16, epochs=1, device="cpu", options=TINY_PRETRAIN)
     assert w.endswith("backbone.pt")
@@ -566,7 +566,7 @@ def test_prefect_flow_defaults_to_the_synthetic_data(tmp_path, tiny_pretraining)
 
 def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretraining):
     from flows.cli import main
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     out = str(tmp_path / "syn")
     opts = [x for kv in ("train_per_class=4", "test_per_class=2", "pool_size=24", "n_identities=3")

@@ -13,12 +13,12 @@ import torch
 from storage.artifact import Artifact
 from storage.images import decode, encode
 from storage.ingest import write_image_table
-from tasks.cam import CamConfig, cam_table, grad_cam, peak_positions
-from tasks.checkpoint import read_meta
+from tasks.pasm.cam import CamConfig, cam_table, grad_cam, peak_positions
+from tasks.engine.checkpoint import read_meta
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, MEAN, STD
-from tasks.erase import EraseConfig, erase_table, random_erasing_batch
+from tasks.pasm.erase import EraseConfig, erase_table, random_erasing_batch
 from tasks.models import build_model
-from tasks.pasm import PasmConfig, baseline_train_config, student_train_config
+from tasks.pasm.rounds import PasmConfig, baseline_train_config, student_train_config
 from tasks.train import TrainConfig, train
 
 SIZE = 32
@@ -97,7 +97,7 @@ def test_grad_cam_peaks_on_the_evidence():
 
 
 def test_cam_positions_feed_the_eraser(spots, teacher, tmp_path):
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.data import normalize
 
     pos = str(tmp_path / "cam")
@@ -136,7 +136,7 @@ def test_table7_recipe_is_the_teachers_without_teacher_term():
 
 def test_each_round_attacks_with_its_own_seed():
     from flows.steps import round_attack_config
-    from tasks.attack import AttackConfig
+    from tasks.pasm.attack import AttackConfig
 
     a = AttackConfig(seed=7)
     assert [round_attack_config(a, r).seed for r in (1, 2, 3)] == [7, 8, 9]

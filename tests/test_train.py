@@ -8,7 +8,7 @@ import torch
 
 from storage.images import encode
 from storage.ingest import write_image_table
-from tasks.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from tasks.engine.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from tasks.models import build_model
 from tasks.train import TrainConfig, _class_weights, train, training_loss
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
-from tasks.va_metrics import (VA_METRICS, ccc, ccc_loss, format_row, pcc, pcc_loss, rmse, rmse_loss, sagr, va_loss,
+from tasks.caf.va_metrics import (VA_METRICS, ccc, ccc_loss, format_row, pcc, pcc_loss, rmse, rmse_loss, sagr, va_loss,
                               va_metrics)
 
 

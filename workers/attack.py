@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from storage.artifact import Artifact, Manifest
-from tasks.attack import ATTACK_STAGE as STAGE
-from tasks.attack import REJECTS_TABLE_SCHEMA, AttackConfig, make_shard_processor, resume_guard, stage_config
+from tasks.pasm.attack import ATTACK_STAGE as STAGE
+from tasks.pasm.attack import REJECTS_TABLE_SCHEMA, AttackConfig, make_shard_processor, resume_guard, stage_config
 from workers.cluster import RayConfig, connect
 from workers.sharded import PoolConfig, default_pool, run_sharded
 
@@ -83,7 +83,7 @@ def run_attack(
 ) -> AttackRun:
     """Attack every labeled row of ``cfg.splits`` in ``table_uri``; positions table at ``out_uri``.
 
-    Same output as tasks.attack.attack_table (POSITIONS_SCHEMA, rejects at ``<out>/rejects``), computed
+    Same output as tasks.pasm.attack.attack_table (POSITIONS_SCHEMA, rejects at ``<out>/rejects``), computed
     by a pool of Ray actors. Connects to ``ray_cfg`` (a local instance by default). Resumable; a
     finished artifact with the same settings is returned at once; one with other settings is refused.
     """

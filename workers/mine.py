@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 
 from storage.artifact import Artifact, Manifest, _fs, claim, identity, join, shard_name
 from storage.schema import CLASSES, REJECTS_SCHEMA
-from tasks.centroids import checkpoint_digest
-from tasks.mine import CODE_VERSION, STAGE, MineConfig, build_processor, mined_rows, pool_columns
+from tasks.omni.centroids import checkpoint_digest
+from tasks.omni.mine import CODE_VERSION, STAGE, MineConfig, build_processor, mined_rows, pool_columns
 from workers.cluster import RayConfig, connect
 from workers.sharded import default_pool, run_sharded
 

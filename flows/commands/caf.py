@@ -29,7 +29,7 @@ def results_table(rows: dict[str, dict[str, Any]], title: str):
     from rich import box
     from rich.table import Table
 
-    from tasks.va_metrics import VA_METRICS
+    from tasks.caf.va_metrics import VA_METRICS
 
     # Compact enough for an 80-column terminal (and for logs, where rich assumes 80).
     ns = {r.get("n") for r in rows.values()}
@@ -105,23 +105,23 @@ def register(app: typer.Typer) -> None:
                                                  "checkpoint folder)."),
         synthetic_option: Optional[list[str]] = typer.Option(
             None, "--synthetic-option", help="key=value setting of the synthetic data (storage.synthetic."
-            "SyntheticConfig, e.g. train_per_class=50); repeatable. Default: tasks.caf.SYNTHETIC_DATA (500 "
+            "SyntheticConfig, e.g. train_per_class=50); repeatable. Default: tasks.caf.method.SYNTHETIC_DATA (500 "
             "train + 100 test faces per class at --size, no pool)."),
     ) -> None:
         """Valence/arousal regression with the Contrastive Adversarial Framework (CAF).
 
         `fermine caf OUT --compare` trains the critic-free baseline and CAF on the synthetic data and prints
         the Table 1 comparison; `fermine caf TABLE OUT` trains on your own table. On the synthetic data the
-        unset training options come from tasks.caf.SYNTHETIC_RECIPE (what benchmarks run), otherwise from the
-        paper (tasks.caf.CAFConfig).
+        unset training options come from tasks.caf.method.SYNTHETIC_RECIPE (what benchmarks run), otherwise from the
+        paper (tasks.caf.method.CAFConfig).
         """
         from rich.console import Console
 
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import is_finished
-        from tasks.caf import SYNTHETIC_RECIPE, CAFConfig, compare_caf, evaluate_va, train_caf
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.caf.method import SYNTHETIC_RECIPE, CAFConfig, compare_caf, evaluate_va, train_caf
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
         if out is None:  # one argument: it is OUT, and the table is the synthetic data set
             if train_table in (None, SYNTHETIC):

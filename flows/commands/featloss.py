@@ -41,7 +41,7 @@ def _table(uri: str, name: str) -> None:
 def _config(**kw: Any):
     """FeatLossConfig from CLI options; ValueError -> UserError."""
     from flows.cli import UserError
-    from tasks.featloss import FeatLossConfig
+    from tasks.featloss.method import FeatLossConfig
     from tasks.models import available_models
 
     if kw["arch"] not in available_models():
@@ -58,7 +58,7 @@ def _common(arch: str, size: Optional[int], load_size: Optional[int], epochs: Op
             norm: int, no_balance: bool, no_five_crop: bool, train_split: str, val_split: str, seed: int,
             device: str) -> dict[str, Any]:
     """FeatLossConfig fields of the options; the unset (None) training options are left out, so the caller's
-    defaults apply (FeatLossConfig's, or tasks.featloss.SYNTHETIC_RECIPE on the synthetic data)."""
+    defaults apply (FeatLossConfig's, or tasks.featloss.method.SYNTHETIC_RECIPE on the synthetic data)."""
     if load_size is None and size is not None:
         load_size = size + max(2, size // 8)
     optional = dict(input_size=size, load_size=load_size, epochs=epochs, round_epochs=round_epochs,
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import Artifact, is_finished
-        from tasks.handcrafted import HandcraftedConfig, compute_features
+        from tasks.featloss.handcrafted import HandcraftedConfig, compute_features
 
         _table(table, "TABLE")
         try:
@@ -172,15 +172,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one feature-loss variant and evaluate it with five-crop + mirror voting.
 
-        Unset training options take tasks.featloss.FeatLossConfig's defaults.
+        Unset training options take tasks.featloss.method.FeatLossConfig's defaults.
         """
         from rich.console import Console
 
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import join
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
-        from tasks.featloss import (
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.featloss.method import (
             VARIANT_TITLES,
             evaluate_featloss,
             train_featloss,
@@ -256,14 +256,14 @@ def register(app: typer.Typer) -> None:
         """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (a Prefect flow).
 
         On the synthetic data (no --table) the unset training options come from
-        tasks.featloss.SYNTHETIC_RECIPE and the data from tasks.featloss.SYNTHETIC_DATA: what
-        tasks.featloss.compare_featloss (the benchmarks' entry point) runs for one seed.
+        tasks.featloss.method.SYNTHETIC_RECIPE and the data from tasks.featloss.method.SYNTHETIC_DATA: what
+        tasks.featloss.method.compare_featloss (the benchmarks' entry point) runs for one seed.
         """
         from rich.console import Console
 
         from flows.cli import UserError
         from flows.commands.ingest import parse_options
-        from tasks.featloss import VARIANTS
+        from tasks.featloss.method import VARIANTS
 
         names = [v.strip() for v in variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
@@ -276,7 +276,7 @@ def register(app: typer.Typer) -> None:
         given = _common(arch, size, load_size, epochs, round_epochs, batch_size, lr, warmup, lambda_f1, lambda_f, rho,
                         gamma, norm, no_balance, no_five_crop, train_split, val_split, seed, device)
         if not table:
-            from tasks.featloss import SYNTHETIC_RECIPE
+            from tasks.featloss.method import SYNTHETIC_RECIPE
 
             given = {**SYNTHETIC_RECIPE, **given}
         base = _config(**given)
@@ -314,7 +314,7 @@ def register(app: typer.Typer) -> None:
 def _table_features(uri: str) -> None:
     from flows.cli import UserError
     from storage.artifact import Artifact, ArtifactError, is_finished
-    from tasks.handcrafted import STAGE
+    from tasks.featloss.handcrafted import STAGE
 
     if not is_finished(uri):
         raise UserError(f"--features: no finished features artifact at {uri}; compute it with "

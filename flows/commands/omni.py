@@ -62,7 +62,7 @@ def _pool_table(pool: str, out: str) -> str:
 
 def _need_checkpoint(uri: str) -> None:
     from flows.cli import UserError
-    from tasks.checkpoint import checkpoint_exists
+    from tasks.engine.checkpoint import checkpoint_exists
 
     if not checkpoint_exists(uri):
         raise UserError(f"no finished checkpoint at {uri} (model.json + model.pt): train the primitive learner "
@@ -85,14 +85,14 @@ def _counts_table(title: str, counts: dict[str, int], kept: int, examined: int, 
 
 
 def _mine_config(margin, floor, center, batch_size, split, size, device, decode_threads):
-    from tasks.mine import MineConfig
+    from tasks.omni.mine import MineConfig
 
     return MineConfig(margin=margin, floor=floor, center=center, batch_size=batch_size, splits=_splits(split, None),
                       input_size=size, device=device, decode_threads=decode_threads)
 
 
 def _distill_config(**kw):
-    from tasks.distill import DistillConfig
+    from tasks.omni.distill import DistillConfig
 
     return DistillConfig(**kw)
 
@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from flows.cli import UserError
-        from tasks.centroids import CentroidConfig, compute_centroids
+        from tasks.omni.centroids import CentroidConfig, compute_centroids
 
         _need_checkpoint(checkpoint)
         _need_table(labeled, "LABELED")
@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import Artifact, join
-        from tasks.centroids import CentroidConfig, compute_centroids
+        from tasks.omni.centroids import CentroidConfig, compute_centroids
         from workers.cluster import RayConfig
         from workers.mine import mine_pool
 
@@ -192,7 +192,7 @@ def register(app: typer.Typer) -> None:
         elif res.seconds > 0:
             con.print(f"{res.examined} faces in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)")
         if (figure or "").lower() != "none":
-            from tasks.mined_figure import mined_grid
+            from tasks.omni.figure import mined_grid
 
             path = figure or join(out, "mined.png")
             if res.kept:
@@ -226,7 +226,7 @@ def register(app: typer.Typer) -> None:
 
         from flows.cli import UserError
         from flows.progress import progress_bar
-        from tasks.distill import distill
+        from tasks.omni.distill import distill
 
         _need_table(table, "TABLE")
         try:
@@ -287,7 +287,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from flows.cli import UserError
-        from tasks.distill import DistillConfig
+        from tasks.omni.distill import DistillConfig
         from flows.omni import OmniConfig, run_omni
         from tasks.train import TrainConfig
 

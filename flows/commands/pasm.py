@@ -9,7 +9,7 @@ import typer
 
 def _attack_config(popsize, generations, scale, crossover, probe, patch, early_stop, init, seed, chunk_size,
                    device, splits):
-    from tasks.attack import AttackConfig
+    from tasks.pasm.attack import AttackConfig
 
     return AttackConfig(popsize=popsize, generations=generations, scale=scale, crossover=crossover, probe=probe,
                         patch=patch, early_stop=early_stop, init=init, seed=seed, chunk_size=chunk_size,
@@ -25,7 +25,7 @@ def _splits(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ..
 def _attack_stage(local: bool, ray_address: str | None, workers: int | None, on_shard=None):
     """The attack as (teacher, table, out, cfg) -> None: in this process, or on Ray actors (default)."""
     if local:
-        from tasks.attack import attack_table
+        from tasks.pasm.attack import attack_table
 
         def run_local(ckpt, table, out, cfg):
             attack_table(ckpt, table, out, cfg, on_shard=(lambda i, n: on_shard(i, n)) if on_shard else None)
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import Artifact, is_finished
-        from tasks.checkpoint import checkpoint_exists
+        from tasks.engine.checkpoint import checkpoint_exists
 
         if not checkpoint_exists(teacher):
             raise UserError(f"no finished checkpoint at {teacher} (model.json + model.pt); train the teacher first")
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 raise UserError(str(e)) from e
         secs = time.perf_counter() - t0
-        from tasks.pasm import attack_summary
+        from tasks.pasm.rounds import attack_summary
 
         s = attack_summary(out)
         s.update({"seconds": secs, "images_per_s": done["rows"] / secs if done["rows"] else None,
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
                   + ("" if done["rows"] == s["rows"] else f"  ({s['rows'] - done['rows']} reused)"))
         Console().print(t)
         if json_path:
-            from tasks.checkpoint import atomic_write_bytes, dumps_json
+            from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
             atomic_write_bytes(json_path, dumps_json(s).encode())
 
@@ -181,7 +181,7 @@ def register(app: typer.Typer) -> None:
         from flows.cli import UserError
         from flows.progress import progress_bar
         from storage.artifact import is_finished
-        from tasks.checkpoint import checkpoint_exists
+        from tasks.engine.checkpoint import checkpoint_exists
 
         ablations = set(_splits(ablation, ()))
         bad = ablations - {"random", "no-teacher"}
@@ -192,9 +192,9 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"no finished image table at {t}: check the path, or run the stage that makes it")
         if teacher and not checkpoint_exists(teacher):
             raise UserError(f"no finished checkpoint at {teacher} (model.json + model.pt)")
-        from tasks.erase import EraseConfig
+        from tasks.pasm.erase import EraseConfig
         from tasks.models import available_models
-        from tasks.pasm import PasmConfig, run_pasm
+        from tasks.pasm.rounds import PasmConfig, run_pasm
         from tasks.train import TrainConfig
 
         try:
@@ -258,6 +258,6 @@ def register(app: typer.Typer) -> None:
             con.print(f"figure: {res.figure}")
         con.print(f"summary: {out.rstrip('/')}/summary.json")
         if json_path:
-            from tasks.checkpoint import atomic_write_bytes, dumps_json
+            from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
             atomic_write_bytes(json_path, dumps_json(res.to_dict()).encode())

@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         given = {"input_size": size, "epochs": epochs, "lr_milestones": tuple(lr_step) if lr_step else None,
                  "batch_size": batch_size, "turn_iters": turn_iters, "ema_max": ema_max,
                  "forget_margin": forget_margin}
-        from tasks.progressive_teacher import PTConfig
+        from tasks.pt.method import PTConfig
 
         paper = PTConfig()  # the paper's values (input size: fermine's CPU default)
         base = {**{k: getattr(paper, k) for k in given}, **(SYNTHETIC_RECIPE if labeled == SYNTHETIC else {})}
@@ -135,8 +135,8 @@ def register(app: typer.Typer) -> None:
 
         pool_splits = _split_list(pool_split, ("pool",) if pool == SYNTHETIC else None)
         # Settings are checked before any data is generated or read, so a typo fails at once.
-        from tasks.label_noise import inject_noise
-        from tasks.progressive_teacher import PTConfig, mean_teacher_config
+        from tasks.pt.label_noise import inject_noise
+        from tasks.pt.method import PTConfig, mean_teacher_config
 
         try:
             cfg = PTConfig(
@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
                 val_splits=_split_list(val_split, ("val",)) or ("val",),
             )
             from tasks.models import available_models
-            from tasks.progressive_teacher import finetune_config
+            from tasks.pt.method import finetune_config
 
             if compare:
                 finetune_config(cfg)  # the matched baseline must be expressible before anything runs
@@ -226,7 +226,7 @@ def register(app: typer.Typer) -> None:
                           f"{100 * r['mean_class_accuracy']:.2f}%", fmt(r.get("noisy_filtered_rate")),
                           fmt(r.get("clean_filtered_rate")))
         Console().print(table)
-        from tasks.checkpoint import atomic_write_bytes, dumps_json
+        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
         atomic_write_bytes(join(out, "results.json"), dumps_json({"results": results, "noise_kind": noise_kind,
                                                                  "test": test_uri}).encode())
@@ -243,7 +243,7 @@ def _run_one(name: str, how: Any, cfg: Any, train_uri: str, pool_uri: str | None
 
     row: dict[str, Any] = {"method": name, "noise": rate, "noise_kind": noise_kind}
     if how == "finetune":
-        from tasks.progressive_teacher import finetune_config
+        from tasks.pt.method import finetune_config
         from tasks.train import train
 
         # Same network, epochs, schedule and labeled samples per step as PT, without pool or selection.
@@ -256,7 +256,7 @@ def _run_one(name: str, how: Any, cfg: Any, train_uri: str, pool_uri: str | None
 
             train(tcfg, [train_uri], ckpt, on_batch=on_batch)
     else:
-        from tasks.progressive_teacher import train_pt
+        from tasks.pt.method import train_pt
 
         sub = join(run_dir, "pt" if how.n_pairs > 1 or how.forget_rate != 0 else "mean_teacher")
         with progress_bar(f"{name} {_pct(rate)}%", None) as bar:
@@ -272,7 +272,7 @@ def _run_one(name: str, how: Any, cfg: Any, train_uri: str, pool_uri: str | None
             if k in res.metrics:
                 row[k] = res.metrics[k]
         if report and how.forget_rate != 0:
-            from tasks.pt_report import write_report
+            from tasks.pt.report import write_report
 
             rep = write_report(sub, train_uri, size=cfg.input_size)
             row["report"] = {"csv": rep.csv_uri, "png": rep.png_uri}

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from tasks.checkpoint import load_checkpoint
+        from tasks.engine.checkpoint import load_checkpoint
         from tasks.train import TrainConfig, train
 
         if threads is not None:
@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
             table.add_row("val mean class accuracy", f"{m['val']['mean_class_accuracy']:.4f}")
         Console().print(table)
         if json_path:
-            from tasks.checkpoint import atomic_write_bytes, dumps_json
+            from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
             atomic_write_bytes(json_path, dumps_json({"final": m, "history": res.history}).encode())
         console.print(escape(f"metrics: {out.rstrip('/')}/metrics.json, curves: {out.rstrip('/')}/curves.png"))
@@ -178,7 +178,7 @@ def register(app: typer.Typer) -> None:
         from flows.cli import UserError
         from flows.progress import console, progress_bar
         from storage.artifact import Artifact, is_finished
-        from tasks.checkpoint import atomic_write_bytes, checkpoint_exists, dumps_json
+        from tasks.engine.checkpoint import atomic_write_bytes, checkpoint_exists, dumps_json
 
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -197,7 +197,7 @@ def register(app: typer.Typer) -> None:
         splits = _splits(split, ("test",))
         split_text = ", ".join(splits) if splits else "all"
         art = Artifact(table)
-        from tasks.checkpoint import read_meta
+        from tasks.engine.checkpoint import read_meta
 
         if read_meta(checkpoint).get("task") == "valence_arousal":
             _evaluate_va(checkpoint, table, splits, batch_size, device, json_path, art.digest)
@@ -263,8 +263,8 @@ def _evaluate_va(checkpoint: str, table: str, splits: tuple[str, ...] | None, ba
 
     from flows.cli import UserError
     from flows.progress import console
-    from tasks.caf import evaluate_va
-    from tasks.checkpoint import atomic_write_bytes, dumps_json
+    from tasks.caf.method import evaluate_va
+    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
     try:
         m = evaluate_va(checkpoint, table, splits, batch_size=batch_size, device=device)

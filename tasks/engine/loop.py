@@ -5,7 +5,7 @@ Layout of ``out_uri`` (local path or fsspec URI), the same for every method:
 * ``last.pt``: after every epoch, atomically: the method's state, every optimiser, the AMP scaler, the
   history and the run's fingerprint (tasks.engine.resume). A rerun continues from it.
 * ``metrics.json``: final metrics, per-epoch history, config and inputs, written when training ends.
-* ``model.pt`` + ``model.json``: the checkpoint (tasks.checkpoint), written last: model.json's
+* ``model.pt`` + ``model.json``: the checkpoint (tasks.engine.checkpoint), written last: model.json's
   presence marks a finished run, and a finished run with the same fingerprint is returned, not redone.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from tasks.checkpoint import (
+from tasks.engine.checkpoint import (
     META_FILE,
     _fs,
     atomic_write_bytes,

@@ -73,5 +73,5 @@ class Method:
 
     def export(self, ctx: "StepContext") -> tuple[nn.Module, dict[str, Any]]:
         """The network to save as model.pt and its model.json fields (task, classes, input_size, mean, std,
-        and for networks other than FERNet a ``model`` entry that tasks.checkpoint knows how to rebuild)."""
+        and for networks other than FERNet a ``model`` entry that tasks.engine.checkpoint knows how to rebuild)."""
         raise NotImplementedError

@@ -422,7 +422,7 @@ def distill(
     paper's Fig. 4). The learned step size(s) and, unless ``holdout`` is 0, the held-out accuracy of
     nets trained from random inits on the distilled images vs on random real images go to the
     manifest's ``extra``."""
-    from tasks.centroids import reuse_or_refuse
+    from tasks.omni.centroids import reuse_or_refuse
     from tasks.device import resolve_device
     from tasks.data import normalize
     from tasks.figures import draw_safely, image_grid

@@ -66,11 +66,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.checkpoint import weights_digest
+from tasks.engine.checkpoint import weights_digest
 from tasks.device import resolve_device
 from tasks.engine import Method, Recipe, StepContext, build_optimizer, fit
 from tasks.engine.seeding import FLIP, ORDER
-from tasks.va_metrics import VA_METRICS, va_loss, va_metrics
+from tasks.caf.va_metrics import VA_METRICS, va_loss, va_metrics
 
 log = logging.getLogger("fermine.caf")
 
@@ -450,7 +450,7 @@ def save_va_scatter(true: np.ndarray, pred: np.ndarray, path: str, title: str = 
     matplotlib.use("Agg", force=False)  # headless
     import matplotlib.pyplot as plt
 
-    from tasks.checkpoint import atomic_write_bytes
+    from tasks.engine.checkpoint import atomic_write_bytes
 
     true, pred = np.asarray(true), np.asarray(pred)
     m = va_metrics(true, pred) if len(true) else {k: float("nan") for k in VA_METRICS}
@@ -543,7 +543,7 @@ class CAF(Method):
 
         cfg = self.cfg
         # The FERNet's 2-output head is f_r; its body is f_e. Saving the FERNet keeps the checkpoint
-        # loadable by tasks.checkpoint.load_checkpoint and usable without the critic.
+        # loadable by tasks.engine.checkpoint.load_checkpoint and usable without the critic.
         self.model = ctx.prepare(build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained))
         self.critic = Critic(self.model.feature_dim, cfg.critic_hidden, cfg.critic_dim).to(ctx.device)
 
@@ -735,7 +735,7 @@ def evaluate_va(
     ``splits=None`` uses every row. Rows without valence/arousal are counted in ``skipped``; a table
     without any raises ValueError. ``scatter_png`` also saves the predicted-vs-true scatter plot.
     """
-    from tasks.checkpoint import load_checkpoint, read_meta
+    from tasks.engine.checkpoint import load_checkpoint, read_meta
 
     meta = read_meta(checkpoint_uri)
     if meta.get("task") != TASK:
@@ -775,8 +775,8 @@ def compare_caf(
     seeds), "seeds", "per_seed": {name: [metrics of each seed, with "seed"]}, "paired": {metric: the
     per-seed differences caf - baseline, their mean, se and mean / se}, ...}. Finished runs are reused.
     """
-    from tasks.checkpoint import atomic_write_bytes, dumps_json
-    from tasks.featloss import paired_difference
+    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
+    from tasks.featloss.method import paired_difference
 
     t0 = time.time()
     run_seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]

@@ -293,9 +293,9 @@ class MineProcessor:
 
 def build_processor(checkpoint_uri: str, centroids_uri: str, cfg: MineConfig) -> MineProcessor:
     """Load the model and centroids (once per actor) and return the per-shard processor."""
-    from tasks.centroids import input_size_of, load_centroids
+    from tasks.omni.centroids import input_size_of, load_centroids
     from tasks.device import resolve_device
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))

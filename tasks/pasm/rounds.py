@@ -1,7 +1,7 @@
 """PASM, Algorithm 1: teacher -> (point attack -> erase -> student with Eq. 4) x N rounds.
 
 Round r: the teacher (the trained network for r = 1, the previous student after that) attacks every
-training image (tasks.attack), an s x s region is erased at the found position (tasks.erase), and a
+training image (tasks.pasm.attack), an s x s region is erased at the found position (tasks.pasm.erase), and a
 student of the same architecture is trained on the erased images with
 ``alpha * CE + beta * MSE(student logits, teacher logits)`` (Eq. 4, tasks.train); it becomes the next
 round's teacher.
@@ -23,7 +23,7 @@ from each other only in the region erased:
 * ``random_erasing``: Zhong et al.'s online random erasing (per batch, probability ``random_erasing_p``,
   random area and aspect ratio, random fill: TrainConfig.random_erasing); ``random_erasing_style:
   square`` erases instead one square of the PASM region size once, offline, at a random position;
-* ``adversarial_erasing``: Wei et al.'s attention erasing, at the Grad-CAM peak (tasks.cam);
+* ``adversarial_erasing``: Wei et al.'s attention erasing, at the Grad-CAM peak (tasks.pasm.cam);
 * ``no_teacher``: PASM's erased images (the first round's attack), CE only.
 
 Every step writes its own artifact/checkpoint under ``out_uri`` and is skipped when already finished,
@@ -39,8 +39,8 @@ from typing import Any, Callable
 import fsspec
 
 from storage.artifact import Artifact, is_finished, join
-from tasks.attack import AttackConfig, attack_table
-from tasks.erase import EraseConfig, erase_table
+from tasks.pasm.attack import AttackConfig, attack_table
+from tasks.pasm.erase import EraseConfig, erase_table
 from tasks.train import TrainConfig
 
 STUDENT_INITS = ("teacher", "scratch")
@@ -150,7 +150,7 @@ def _fs(uri: str):
 
 
 def _write_json(uri: str, obj: Any) -> None:
-    from tasks.checkpoint import atomic_write_bytes, dumps_json
+    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
     atomic_write_bytes(uri, dumps_json(obj).encode())
 
@@ -167,7 +167,7 @@ def _emit(progress: Progress | None, **event: Any) -> None:
 
 def _evaluate(ckpt: str, test_uri: str, splits: tuple[str, ...], cache_uri: str) -> dict[str, Any]:
     """Test metrics of a checkpoint, cached next to it (keyed by the weights' checksum and the test table)."""
-    from tasks.checkpoint import read_meta
+    from tasks.engine.checkpoint import read_meta
     from tasks.evaluate import evaluate
 
     key = {"model_sha256": read_meta(ckpt).get("model_sha256"), "test": Artifact(test_uri).digest,
@@ -239,7 +239,7 @@ def train_student(train_cfg: TrainConfig, cfg: PasmConfig, erased_uri: str, imag
     ``cfg.no_teacher`` (or beta = 0); the student starts from the teacher's weights when
     ``cfg.student_init == "teacher"``; ``cfg.student_data == "both"`` adds the original images.
     """
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
     from tasks.train import train
 
     cfg = cfg.validate()
@@ -355,8 +355,8 @@ def _save_figure(out_uri: str, erased_uris: list[str], table_uri: str, n: int, t
     import os
     import tempfile
 
-    from tasks.checkpoint import atomic_write_bytes
-    from tasks.pasm_figure import pasm_figure
+    from tasks.engine.checkpoint import atomic_write_bytes
+    from tasks.pasm.figure import pasm_figure
 
     with tempfile.TemporaryDirectory(prefix="fermine-pasm-") as tmp:
         local = os.path.join(tmp, FIGURE_FILE)

@@ -126,7 +126,12 @@ def save_checkpoint(uri_dir: str, model: nn.Module, meta: Mapping[str, Any] | No
 
 
 def build_network(meta: Mapping[str, Any]) -> nn.Module:
-    """An untrained network of the architecture ``meta`` (a model.json) describes."""
+    """An untrained network of the architecture ``meta`` (a model.json) describes.
+
+    A builder other than FERNet's is imported by name. Only checkpoints of such a network reach that
+    import, and the stages that load them import the network's module themselves, so the stage code
+    versions (flows/code_version.py, which counts a dynamic import as its own package, tasks.engine)
+    still cover it."""
     builder = (meta.get("model") or {}).get("builder", FERNET)
     if builder == FERNET:
         return build_model(meta["arch"], int(meta["num_classes"]))

@@ -34,7 +34,7 @@ holds the paper's step (:func:`pt_step` and the pure functions it uses), the plu
 (:class:`ProgressiveTeacher`) and :func:`train_pt`, its entry point.
 
 Outputs under ``out_uri`` (the engine's layout, tasks.engine.loop): ``model.pt`` + ``model.json``
-(the chosen teacher, an ordinary checkpoint readable by tasks.checkpoint / tasks.evaluate),
+(the chosen teacher, an ordinary checkpoint readable by tasks.engine.checkpoint / tasks.evaluate),
 ``last.pt`` (the resumable state, rewritten after every epoch), ``metrics.json``; and PT's own
 ``filtered/`` (per labeled sample: how often the teachers filtered it out, with its clean label when
 the table has one) and ``pt.json`` (label-noise spec, history, metrics: :func:`load_result`).
@@ -57,12 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from storage.artifact import Artifact, ArtifactWriter, _fs, join
-from tasks.checkpoint import atomic_write_bytes, dumps_json, weights_digest
+from tasks.engine.checkpoint import atomic_write_bytes, dumps_json, weights_digest
 from tasks.data import MEAN, STD, batch_to_imageset, load_image_set, normalize
 from tasks.engine import Recipe, StepContext, build_optimizer, fit
 from tasks.engine.method import Method
 from tasks.engine.seeding import FLIP, ORDER
-from tasks.label_noise import CLEAN_LABEL, noise_spec
+from tasks.pt.label_noise import CLEAN_LABEL, noise_spec
 from tasks.models import FERNet, build_model, load_pretrained
 
 GUIDANCE = ("cross", "same")

@@ -7,7 +7,7 @@ body with a linear head (small_cnn, ResNet) it equals Wei et al.'s CAM up to a p
 also works for VGG's fully connected head. The erased position is the centre of the map's strongest cell, in
 image pixels.
 
-The output is a positions table (tasks.attack.POSITIONS_SCHEMA), so tasks.erase.erase_table erases it
+The output is a positions table (tasks.pasm.attack.POSITIONS_SCHEMA), so tasks.pasm.erase.erase_table erases it
 exactly like the attack's positions. Its RGB is each image's mean colour: Wei et al. erase with the
 mean pixel value, and the attack's perturbed colour does not exist here.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from storage.artifact import Artifact, ArtifactWriter, Manifest
 from storage.images import ImageDecodeError
-from tasks.attack import POSITIONS_SCHEMA
+from tasks.pasm.attack import POSITIONS_SCHEMA
 from tasks.data import decode_resized, normalize
 
 STAGE = "cam"
@@ -92,7 +92,7 @@ def cam_table(checkpoint_uri: str, table_uri: str, out_uri: str, cfg: CamConfig 
     Rows without a label or whose image does not decode are counted in the manifest
     (``extra.rejects``) and left out, as the attack does.
     """
-    from tasks.checkpoint import load_checkpoint, read_meta
+    from tasks.engine.checkpoint import load_checkpoint, read_meta
     from tasks.device import resolve_device
 
     dev = resolve_device(cfg.device)

@@ -53,7 +53,7 @@ class CentroidConfig:
 
 def checkpoint_digest(checkpoint_uri: str) -> str:
     """A stable digest of a checkpoint: the sha256 of model.pt recorded in model.json (hashed if absent)."""
-    from tasks.checkpoint import MODEL_FILE, read_meta
+    from tasks.engine.checkpoint import MODEL_FILE, read_meta
 
     meta = read_meta(checkpoint_uri)
     if meta.get("model_sha256"):
@@ -156,7 +156,7 @@ def compute_centroids(
     Classes without labeled rows get no centroid (they cannot be mined) and are listed in
     ``manifest.extra["missing_classes"]``. Fewer than two classes is an error: Eq. 6 needs a runner-up.
     """
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     config = asdict(cfg)
     inputs = {"checkpoint": checkpoint_digest(checkpoint_uri), "labeled": Artifact(labeled_uri).digest}

@@ -3,7 +3,7 @@
 Network (Fig. 3): conv blocks -> z (the backbone's pooled output) -> FC1 -> x -> FC2 -> logits.
 Losses (Eq. 1, 5): SoftMax L_S (class balanced, Eq. 13-14), Center loss L_C on x, and the feature
 losses L_F1(z) = 1/p sum ||z_i - ||z_i|| h_i||_p^p and L_F2(x) likewise with g_i, where h_i, g_i are
-the L2-normalised handcrafted features (Eq. 2, tasks.handcrafted). The feature-loss weights decay
+the L2-normalised handcrafted features (Eq. 2, tasks.featloss.handcrafted). The feature-loss weights decay
 by rho every epoch (Eq. 6).
 
 Two features on x (GSF and SIFT, Eq. 8-11, Fig. 4, Algorithm 1):
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.checkpoint import weights_digest
+from tasks.engine.checkpoint import weights_digest
 from tasks.device import resolve_device
 from tasks.engine import Method, Recipe, StepContext, build_optimizer, fit
 from tasks.engine.seeding import FLIP, ORDER, TRANSFORM
@@ -379,7 +379,7 @@ class FeatLossNet(nn.Module):
 
     ``output``: "parts" (training and voting here): ``forward`` returns every output (:class:`NetOut`);
     "logits": one (N, classes) tensor like any classifier's, the log of the branch-mean probabilities
-    (the logits themselves with one branch). :func:`network_from_meta`, which tasks.checkpoint calls,
+    (the logits themselves with one branch). :func:`network_from_meta`, which tasks.engine.checkpoint calls,
     builds it so, so ``fermine evaluate``, ``predict`` and ``export`` use a feature-loss checkpoint as
     they use any other.
     """
@@ -443,7 +443,7 @@ class FeatLossNet(nn.Module):
 
 
 def network_from_meta(meta: dict[str, Any]) -> FeatLossNet:
-    """The untrained network a feature-loss model.json describes (tasks.checkpoint's builder), as a
+    """The untrained network a feature-loss model.json describes (tasks.engine.checkpoint's builder), as a
     classifier (``output="logits"``); :func:`load_featloss_model` switches it to every output."""
     return FeatLossNet(meta["arch"], int(meta["num_classes"]), meta["x_dims"], meta["structure"], meta.get("z_dim"),
                        output="logits")
@@ -475,7 +475,7 @@ def _load(uri: str, size: int, splits: Sequence[str], what: str) -> _Data:
 def _targets(features_uri: str, kind: str, ids: Sequence[str], table_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised features, normalised mirrored features) of ``ids``, each (N, dim) float32."""
     from storage.artifact import Artifact
-    from tasks.handcrafted import STAGE, load_features
+    from tasks.featloss.handcrafted import STAGE, load_features
 
     m = Artifact(features_uri).manifest
     if m.stage != STAGE:
@@ -785,7 +785,7 @@ class FeatLoss(Method):
         cfg = self.cfg
         k = cfg.num_classes
         return self.model, {
-            "model": {"builder": "tasks.featloss:network_from_meta"}, "task": "classification", "method": self.name,
+            "model": {"builder": "tasks.featloss.method:network_from_meta"}, "task": "classification", "method": self.name,
             "arch": cfg.arch, "num_classes": k,
             "classes": list(CLASSES[:k]) if k <= len(CLASSES) else [str(i) for i in range(k)],
             "structure": cfg.structure, "x_dims": list(self.x_dims), "z_dim": self.z_dim,
@@ -851,10 +851,10 @@ def train_featloss(
 ) -> FeatLossResult:
     """Train one variant on the ``cfg.train_splits`` rows of ``table_uri`` (Algorithm 1), with tasks.engine.
 
-    ``features_uri``: the handcrafted-features artifact of the same table (tasks.handcrafted), needed
+    ``features_uri``: the handcrafted-features artifact of the same table (tasks.featloss.handcrafted), needed
     when the config uses a feature. Validation rows (``cfg.val_splits``) drive adaptive weighting
     (required then) and are evaluated after every round otherwise. Writes the engine's layout to
-    ``out_uri``: ``model.pt`` + ``model.json`` (a FeatLossNet, tasks.checkpoint), ``metrics.json``, and
+    ``out_uri``: ``model.pt`` + ``model.json`` (a FeatLossNet, tasks.engine.checkpoint), ``metrics.json``, and
     ``last.pt`` after every epoch, from which a rerun continues when the config and the digests of the
     table, the features (and pretrained weights) are the same (else tasks.engine.ResumeMismatch, naming
     what differs); ``resume=False`` starts over. ``progress`` gets the engine's events: {"event": "step",
@@ -887,7 +887,7 @@ def train_featloss(
 def load_featloss_model(uri: str, device: str | torch.device = "cpu") -> tuple[FeatLossNet, dict[str, Any]]:
     """(model in eval mode, meta) of a finished ``train_featloss`` output folder (its model.json / model.pt);
     the model's forward returns every output (NetOut)."""
-    from tasks.checkpoint import load_checkpoint, read_meta
+    from tasks.engine.checkpoint import load_checkpoint, read_meta
 
     meta = read_meta(uri)
     if meta.get("method") != "featloss":
@@ -978,8 +978,8 @@ def compare_featloss(
     import hashlib
 
     from storage.artifact import join
-    from tasks.checkpoint import atomic_write_bytes, dumps_json
-    from tasks.handcrafted import HandcraftedConfig, compute_features
+    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
+    from tasks.featloss.handcrafted import HandcraftedConfig, compute_features
 
     t0 = time.time()
     names = list(variants)

@@ -1,9 +1,9 @@
 """What the Progressive Teacher's teachers filtered out: per class (paper's Tables 6-7) and as images (Fig. 9).
 
-Reads the ``filtered/`` table of a run (tasks.progressive_teacher). A sample counts as *filtered out*
+Reads the ``filtered/`` table of a run (tasks.pt.method). A sample counts as *filtered out*
 when, in the last epoch, every teacher that judged it excluded it from the supervised loss (it was
 never learned from at the end of training). When the labeled table carries ``clean_label`` (label
-noise injected by tasks.label_noise), the filtered samples are split into synthetic noise and
+noise injected by tasks.pt.label_noise), the filtered samples are split into synthetic noise and
 samples with their original label, as in Table 7.
 """
 
@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 
 from storage.artifact import Artifact, join
 from storage.schema import CLASSES
-from tasks.checkpoint import atomic_write_bytes, dumps_json
+from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 from tasks.data import decode_resized
 from tasks.figures import image_grid
-from tasks.label_noise import CLEAN_LABEL
+from tasks.pt.label_noise import CLEAN_LABEL
 
 __all__ = ["PTReport", "filtered_per_class", "filtered_grid", "format_table", "write_report"]
 

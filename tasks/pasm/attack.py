@@ -34,7 +34,7 @@ from torch import nn
 
 from storage.images import ImageDecodeError
 from tasks.data import MEAN, STD, decode_resized, normalize
-from tasks.erase import side_pixels
+from tasks.pasm.erase import side_pixels
 from tasks.device import resolve_device
 
 PROBES = ("pixel", "patch")
@@ -444,7 +444,7 @@ def make_shard_processor(checkpoint_uri: str, cfg: AttackConfig, device: str | N
     Only rows in ``cfg.splits`` are attacked (PASM erases training images); of those, rows without
     a label or with an undecodable image become rejects with the reason, never silent drops.
     """
-    from tasks.checkpoint import load_checkpoint
+    from tasks.engine.checkpoint import load_checkpoint
 
     cfg = cfg.validate()
     dev = resolve_device(device or cfg.device)
@@ -533,7 +533,7 @@ def stage_config(cfg: AttackConfig, checkpoint_uri: str) -> dict:
         d.pop(k)
     d["splits"] = list(cfg.splits)
     d["teacher"] = checkpoint_uri
-    from tasks.checkpoint import read_meta
+    from tasks.engine.checkpoint import read_meta
 
     d["teacher_sha256"] = read_meta(checkpoint_uri).get("model_sha256")  # the weights, not just the path
     return d

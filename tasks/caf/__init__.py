@@ -1,0 +1,1 @@
+"""The Contrastive Adversarial Framework for valence/arousal: the method and its metrics."""

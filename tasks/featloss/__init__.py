@@ -1,0 +1,1 @@
+"""Adaptive handcrafted feature losses: the handcrafted features and the method."""

@@ -1,0 +1,1 @@
+"""Omni-supervised learning (Wei et al.): MS-Celeb-style centroids, mining, dataset distillation (DAS)."""
