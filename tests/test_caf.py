@@ -214,6 +214,21 @@ def test_train_caf_tiny_run_checkpoint_and_evaluate(va_table, tmp_path):
     assert every["n"] == 88 and every["skipped"] == {"no valence/arousal": 5, "outside [-1, 1]": 3}
 
 
+def test_generic_evaluate_command_scores_a_caf_checkpoint(va_table, tmp_path, capsys):
+    """`fermine evaluate` takes any method's checkpoint: a valence/arousal one gets RMSE/SAGR/PCC/CCC."""
+    from flows.cli import main
+
+    out = str(tmp_path / "caf")
+    train_caf(_tiny(epochs=1), va_table, out)
+    main(["evaluate", out, va_table, "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    m = json.load(open(tmp_path / "m.json"))
+    assert m["task"] == "valence_arousal" and m["n"] == 24
+    direct = evaluate_va(out, va_table, ("test",), device="cpu")
+    assert all(m[k] == pytest.approx(direct[k]) for k in VA_METRICS)
+    printed = capsys.readouterr().out
+    assert "CCC" in printed and "valence" in printed and "arousal" in printed
+
+
 def test_killed_run_resumes_from_last_epoch_and_refuses_other_config(va_table, tmp_path):
     out = str(tmp_path / "run")
     cfg = _tiny(epochs=3)
