@@ -226,6 +226,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     Console(width=160).print(t)
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The table as Markdown (for the README): the same columns as the printed one."""
+    head = "| paper | model | test set | mean +- std | vs | paired diff +- se | holds | paper's figure |"
+    out = [head, "|" + "---|" * 8]
+    for r in rows:
+        diff = f"{r['diff']:+.4f} +- {r['diff_se']:.4f}" if "diff" in r else ""
+        out.append(f"| {r['paper']} | {r['model']} | {r['test']} | {r['mean']:.4f} +- {r['std']:.4f} | "
+                   f"{r['reference'] if 'diff' in r else ''} | {diff} | {r.get('holds', '') if 'diff' in r else ''} | "
+                   f"{r.get('paper_figure') or ''} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/fidelity", help="work folder; finished runs in it are reused")
@@ -233,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true", help="smaller data and fewer rounds/noise levels (< 10 min)")
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--markdown", help="write the table as Markdown here too (the README's results table)")
     args = ap.parse_args(argv)
     from flows.runtime_env import apply_defaults
 
@@ -264,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(rows))
     return result
 
 
