@@ -11,8 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Purposes the engine itself uses; methods pick their own numbers from 16 up.
-GLOBAL, ORDER, FLIP, TRANSFORM, WORKER = 0, 2, 1, 3, 4
+# Purposes shared by the methods (a method needing another stream picks a number from 16 up).
+GLOBAL = 0  # torch's global generator at the start of an epoch
+FLIP = 1  # horizontal flips
+ORDER = 2  # batch order (and the shard order of a streamed epoch)
+TRANSFORM = 3  # other augmentation: crops, random erasing
+WORKER = 4  # a streaming loader worker's shuffle buffer
 
 
 def seed_for(*parts: int) -> int:
