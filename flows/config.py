@@ -43,6 +43,7 @@ class RaySection(BaseModel):
     workers: int = 2  # actors per Ray stage
     gpus_per_worker: float = 0.0  # 0 = CPU actors; 1 on a GPU cluster
     cpus_per_worker: float = 1.0
+    log_to_driver: bool = False  # true: show Ray actors' own output (TensorFlow banners...) in the console
 
 
 class RunConfig(BaseModel):

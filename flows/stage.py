@@ -27,6 +27,7 @@ from flows.code_version import code_version
 from storage.artifact import MANIFEST, Manifest, _atomic_put, _fs, identity, join
 
 log = logging.getLogger("fermine.stage")
+progress = logging.getLogger("fermine.progress")  # one record per stage event (flows.console prints them)
 
 STAGE_RECORD = "_stage.json"
 LEDGER = "ledger.jsonl"
@@ -147,6 +148,7 @@ class Run:
         if rec is not None and rec.identity == ident:
             log.info("stage %s: reusing %s", name, out)
             self._log({"event": "reused", "stage": name, "uri": out, "time": time.time()})
+            progress.info("reused %s", name, extra={"event": "reused", "stage": name})
             return dataclasses.replace(rec, reused=True)
         started = time.time()
         self._log({"event": "started", "stage": name, "uri": out, "time": started})
@@ -154,6 +156,7 @@ class Run:
             fn(out)
         except BaseException as e:
             self._log({"event": "failed", "stage": name, "uri": out, "time": time.time(), "error": repr(e)[:500]})
+            progress.info("failed %s", name, extra={"event": "failed", "stage": name, "error": str(e)[:300]})
             raise
         rec = StageRecord(
             stage=name,
@@ -170,6 +173,7 @@ class Run:
         fs.makedirs(path, exist_ok=True)
         _atomic_put(fs, f"{path}/{STAGE_RECORD}", json.dumps(dataclasses.asdict(rec), indent=2).encode())
         self._log({"event": "finished", "stage": name, "uri": out, "time": rec.finished, "seconds": rec.seconds})
+        progress.info("finished %s", name, extra={"event": "finished", "stage": name, "seconds": rec.seconds})
         return rec
 
     # ---- forced recomputation (`fermine run CONFIG --rerun STAGE`) ---------------------------

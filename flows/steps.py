@@ -214,7 +214,7 @@ def shard_logger(name: str, total: int) -> Callable[[int, Any, int], None]:
 def _ray(section: RaySection) -> None:
     from workers.cluster import RayConfig, connect
 
-    connect(RayConfig(address=section.address, num_cpus=section.num_cpus))
+    connect(RayConfig(address=section.address, num_cpus=section.num_cpus, log_to_driver=section.log_to_driver))
 
 
 def _pool(section: RaySection, gpu: bool):

@@ -22,6 +22,10 @@ class RayConfig:
     address: str | None = None  # None/"local": start or reuse a local instance; "auto" or ray://host:10001
     num_cpus: int | None = None  # local instance only
     namespace: str = "fermine"
+    # Stream actors' stdout/stderr to this process. Off by default: the aligners' TensorFlow banners and
+    # Ray's dedup notices would flood a run's console; actors' errors still reach it as exceptions, and
+    # their output stays in Ray's session logs (/tmp/ray/session_latest/logs).
+    log_to_driver: bool = False
 
 
 def connect(cfg: RayConfig | None = None) -> None:
@@ -34,7 +38,7 @@ def connect(cfg: RayConfig | None = None) -> None:
     # ray.init() would silently join the most recent one (RAY_ADDRESS, /tmp/ray), and that
     # cluster's owner could stop it mid-stage. Joining one is explicit: "auto" or an address.
     address = "local" if cfg.address in (None, "", "local") else cfg.address
-    kwargs: dict = {"namespace": cfg.namespace, "ignore_reinit_error": True, "log_to_driver": True,
+    kwargs: dict = {"namespace": cfg.namespace, "ignore_reinit_error": True, "log_to_driver": cfg.log_to_driver,
                     "logging_level": "WARNING"}
     if address == "local":
         # Loopback only: a laptop run must not listen on the machine's public interfaces. Ray

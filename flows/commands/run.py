@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import List, Optional
@@ -13,14 +12,16 @@ import typer
 from flows.cli import UserError
 
 
-def _run_flow(cfg, quiet_prefect: bool = True) -> dict:
+def _run_flow(cfg) -> dict:
+    """Run the config's pipeline with a calm console (flows.console): a line per stage, the noise to the
+    run's log file."""
+    from flows.console import calm_console
     from flows.round import FLOWS
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if quiet_prefect:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    flow = FLOWS[cfg.pipeline]
-    return flow(cfg=cfg)
+    with calm_console(cfg.out) as log_path:
+        if log_path:
+            typer.echo(f"{cfg.name}: pipeline {cfg.pipeline} -> {cfg.out} (details: {log_path})", err=True)
+        return FLOWS[cfg.pipeline](cfg=cfg)
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
