@@ -53,7 +53,7 @@ class RunConfig(BaseModel):
     name: str = "round"
     out: str = "runs/round"  # run folder (any fsspec URI); stage outputs live under it
     seed: int = 0
-    pipeline: Literal["round", "pasm", "omni", "align", "evaluate"] = "round"
+    pipeline: Literal["round", "pasm", "omni", "pt", "caf", "featloss", "align", "evaluate"] = "round"
     model: str | None = None  # checkpoint folder evaluated by pipeline "evaluate"
     ray: RaySection = Field(default_factory=RaySection)
     labeled: DataSource = Field(default_factory=DataSource)  # train + test splits
@@ -73,6 +73,12 @@ class RunConfig(BaseModel):
     mine: dict[str, Any] = Field(default_factory=dict)
     distill: dict[str, Any] = Field(default_factory=dict)
     retrain: dict[str, Any] = Field(default_factory=dict)  # overrides of teacher settings for VAS/DAS
+    # The method pipelines (flows/methods.py): each section holds its flow's options, `config` the
+    # method's config dataclass fields (tasks.pt.method.PTConfig, tasks.caf.method.CAFConfig,
+    # tasks.featloss.method.FeatLossConfig).
+    pt: dict[str, Any] = Field(default_factory=dict)
+    caf: dict[str, Any] = Field(default_factory=dict)
+    featloss: dict[str, Any] = Field(default_factory=dict)
     report: bool = True
 
 

@@ -253,4 +253,8 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
 
 FLOWS = {"round": round_flow, "pasm": pasm_flow, "omni": omni_flow, "align": align_flow, "evaluate": evaluate_flow}
 
+from flows.methods import PIPELINES  # noqa: E402  (pt, caf, featloss: flows/methods.py)
+
+FLOWS.update(PIPELINES)
+
 __all__ = ["FLOWS", "Round", "align_flow", "evaluate_flow", "omni_flow", "pasm_flow", "round_flow"]

@@ -145,7 +145,10 @@ def resolve_configs(cfg: Any, check_paths: bool = True) -> dict[str, Any]:
     attack = attack_config(cfg.attack, cfg.seed)
     if cfg.pipeline == "evaluate" and not cfg.model:
         raise ConfigError("pipeline 'evaluate' needs `model`: a checkpoint folder (--set model=PATH)")
-    return {
+    from flows.methods import METHODS, method_options
+
+    methods = {name: method_options(cfg, name) for name in METHODS if cfg.pipeline == name or getattr(cfg, name)}
+    return {**methods,
         "align": align_config(cfg.align),
         "teacher": teacher,
         "retrain": retrain,

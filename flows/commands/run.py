@@ -150,9 +150,13 @@ def register(app: typer.Typer) -> None:
             raise UserError("pass a config file to validate it, or --defaults to print every default")
         cfg = _load(config, [])
         stages = _resolve(cfg, check_paths=False)  # a cluster config is often checked on a laptop
-        resolved = {"run": cfg.model_dump(mode="json", exclude=set(stages) | {"retrain"}), **stages}
+        resolved = {"run": cfg.model_dump(mode="json", exclude=set(stages) | {"retrain", "pt", "caf", "featloss"}), **stages}
         out = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in resolved.items()}
         # PASM trains and attacks with the run's `teacher` and `attack` sections: show them there only.
         out["pasm"] = {k: v for k, v in out["pasm"].items() if k not in ("train", "attack")}
+        from flows.methods import METHODS, method_defaults
+
+        for name in METHODS:
+            out[name] = method_defaults(name, stages.get(name))
         typer.echo(yaml.safe_dump(json.loads(json.dumps(out, default=list)), sort_keys=False))
 
