@@ -322,10 +322,13 @@ def _finish(method: Method, ctx: StepContext, out_uri: str, history: list[dict[s
     final.setdefault("amp", ctx.amp)
     final.setdefault("train_seconds", sum(h["seconds"] for h in history))
     resumed = int(saved["epoch"]) if saved is not None else 0
-    atomic_write_bytes(f"{out_uri}/{METRICS_FILE}", dumps_json({
-        "method": method.name, "epochs": epochs, "final": final, "history": history, "config": dict(config), "inputs": dict(inputs),
-        "resumed_from_epoch": resumed, "fingerprint": wanted}).encode())
     module, meta = method.export(ctx)
+    # metrics.json also carries what the method says about the run (train tables, teacher, init...).
+    facts = {k: v for k, v in meta.items() if k not in ("model", "classes", "mean", "std")}
+    atomic_write_bytes(f"{out_uri}/{METRICS_FILE}", dumps_json({
+        **facts, "method": method.name, "epochs": epochs, "final": final, "history": history,
+        "config": dict(config), "inputs": dict(inputs), "resumed_from_epoch": resumed,
+        "fingerprint": wanted}).encode())
     save_checkpoint(out_uri, module, {"method": method.name, "metrics": final, "config": dict(config),
                                       "inputs": dict(inputs), **meta})
     return FitResult(out_uri, final, history, resumed)
