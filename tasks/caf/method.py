@@ -494,21 +494,6 @@ def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def _summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The epoch's mean of each per-step diagnostic over the steps that have it (nan-free);
-    ``critic_skipped`` is summed (the number of batches without both groups)."""
-    rows = [{k: float(v) for k, v in r.items()} for r in rows]
-    out: dict[str, float] = {}
-    keys = {k for r in rows for k in r}
-    for k in sorted(keys):
-        vals = [r[k] for r in rows if k in r and r[k] == r[k]]  # nan-free mean
-        if k == "critic_skipped":
-            out[k] = float(sum(vals))
-        elif vals:
-            out[k] = float(np.mean(vals))
-    return out
-
-
 def _evaluate_model(model: nn.Module, vset: VASet, batch_size: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     model.eval()
     true, pred, _ = _predict_all(model, _chunks(vset, batch_size), None, None)
@@ -535,7 +520,7 @@ class CAF(Method):
         self.name = "caf" if cfg.critic else "va_baseline"
         self.vset: VASet | None = None
         self.val_pred: tuple[np.ndarray, np.ndarray] | None = None  # (true, pred) of the final validation
-        self._rows: list[dict[str, Any]] = []
+        self._skipped = 0  # batches of this epoch without both weak and strong samples
 
     # -- engine hooks
     def setup(self, ctx: StepContext) -> None:
@@ -579,7 +564,7 @@ class CAF(Method):
             yield x, data.targets[idx].to(ctx.device)
 
     def on_epoch_start(self, epoch: int, ctx: StepContext) -> None:
-        self._rows = []
+        self._skipped = 0
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> dict[str, Any]:
         """One iteration of Algorithm 1 on normalised images x and targets y (N x 2: valence, arousal)."""
@@ -624,14 +609,13 @@ class CAF(Method):
         pred = torch.tanh(self.model(x).float())
         loss_av = va_loss(pred, y, cfg.av_eps)
         ctx.backward_step(loss_av, [self.enc_opt, self.reg_opt])
-        self._rows.append(row)
+        self._skipped += int("critic_skipped" in row)
         loss_av = loss_av.detach()
         return {"loss": loss_av, "loss_av": loss_av, **row, "samples": len(y)}
 
     def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, Any]:
-        # The engine averages every step output over all steps; a diagnostic a step may lack (the margin parts
-        # of a batch without both groups) is averaged over the steps that have it, critic_skipped summed.
-        return _summarise(self._rows)
+        # The engine averages each diagnostic over the steps that report it; the skipped batches are a count.
+        return {"critic_skipped": float(self._skipped)}
 
     def validate(self, ctx: StepContext) -> dict[str, Any] | None:
         if self.vset is None:
