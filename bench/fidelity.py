@@ -7,8 +7,14 @@ What runs (every model trained on the same data; seeds change initialisation, ba
   adversarial erasing, PASM w/o teacher), VAS and DAS retraining; evaluated on the inner test split,
   the Table III-like occlusion and pose (> 30, > 45 degrees) splits and a cross-style test set.
   Distilled vs random real images: the distill stage's own held-out score.
-* Progressive Teacher: bench/pt_compare.py (fine-tune, Mean Teacher, PT) at 0/10/20/30% symmetric noise.
-* CAF: critic-free baseline vs CAF (tasks.caf.method.compare_caf); feature losses: none vs fixed vs adaptive.
+* Progressive Teacher: the pt pipeline (flows/pt.py; fine-tune, Mean Teacher, PT) at 0/10/20/30%
+  symmetric noise, one run folder per seed.
+* CAF: the caf pipeline (flows/caf.py; critic-free baseline vs CAF), one run folder per seed.
+* Feature losses: the featloss pipeline (flows/featloss.py; none vs fixed vs adaptive), one run folder per seed.
+
+Every section runs the method's declared pipeline (a RunConfig with ``pipeline: ...`` through
+flows.round.FLOWS, what `fermine run` runs): each step is a stage, recorded in the run folder's ledger
+(`fermine status RUN` lists them) and reused by a rerun.
 
 Each comparison reports mean +- std over seeds and the paired (same seed) difference to its reference
 with its standard error; a claim "holds" when the paired difference is above 2 standard errors in the
@@ -96,16 +102,13 @@ def _holds(c: dict[str, Any], sign: int) -> str:
 
 # ---- the sections -------------------------------------------------------------------------------
 def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    from flows.config import RunConfig
-    from flows.round import FLOWS
     from storage.artifact import Artifact
 
     metrics: dict[int, dict[str, Any]] = {}
     distill: dict[int, dict[str, Any]] = {}
     for s in seeds:
         t = time.time()
-        cfg = RunConfig.model_validate(round_config(os.path.join(out, f"round-s{s}"), s, quick))
-        summary = FLOWS[cfg.pipeline](cfg=cfg)
+        summary = _run_pipeline(round_config(os.path.join(out, f"round-s{s}"), s, quick))
         metrics[s] = summary["metrics"]
         if "distill" in summary["artifacts"]:
             distill[s] = Artifact(summary["artifacts"]["distill"]).manifest.extra.get("holdout", {})
@@ -129,24 +132,52 @@ def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], 
     return {"rows": rows}
 
 
-def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    import pt_compare
+def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one config's pipeline (flows.round.FLOWS, as `fermine run` does); returns its summary."""
+    from flows.config import RunConfig
+    from flows.round import FLOWS
 
-    noises = [0.0, 0.3] if quick else [0.0, 0.1, 0.2, 0.3]
+    cfg = RunConfig.model_validate(config)
+    return FLOWS[cfg.pipeline](cfg=cfg)
+
+
+def _noises(quick: bool) -> list[float]:
+    return [0.0, 0.3] if quick else [0.0, 0.1, 0.2, 0.3]
+
+
+def pt_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
+    """The Progressive Teacher run of one seed: the pt pipeline on the synthetic data with flows.pt's
+    SYNTHETIC_RECIPE and its pretrained backbone (pretrained in the run folder, with this seed).
+
+    The test set ("big_test" in the rows): ``synthetic_options`` {test_per_class: 300}, so the run's own
+    test split is the large test set (2100 faces of people not in training) that this section used to
+    generate as a table of its own: every generated face has its own random stream, so the training and
+    pool splits stay the default ones and the test faces are exactly the former big test's. The backbone
+    is pretrained per seed by the pipeline (flows.pt.synthetic_backbone, 15 epochs). --quick: 3 epochs (lr
+    step after 2), noise 0 and 30% only, the default 50 test faces per class; its figures are not the
+    measurement.
+    """
+    return {"name": f"fidelity-pt-s{seed}", "out": out, "seed": seed, "pipeline": "pt", "report": False,
+            "pt": {"noise_rates": _noises(quick), "compare": True,
+                   "synthetic_options": {"test_per_class": 50 if quick else 300},
+                   "config": {"seed": seed, **({"epochs": 3, "lr_milestones": [2]} if quick else {})}}}
+
+
+# flows.pt's model names -> the bench's (bench/paper_figures.py resolves these).
+PT_MODELS = {"Fine-tune (baseline)": "finetune", "Mean Teacher": "mean_teacher", "PT": "pt"}
+
+
+def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     res: dict[tuple[str, float], list[float]] = {}
     for s in seeds:
         t = time.time()
-        argv = ["--out", os.path.join(out, "pt"), "--seed", str(s), "--big-test", "50" if quick else "300"]
-        if quick:
-            argv += ["--epochs", "3", "--lr-step", "2", "--pretrain-epochs", "4"]
-        for n in noises:
-            argv += ["--noise", str(n)]
-        for r in pt_compare.main(argv)["rows"]:
-            res.setdefault((r["method"], r["noise"]), []).append(r["big_test"]["accuracy"])
+        summary = _run_pipeline(pt_config(os.path.join(out, "pt", f"seed-{s}"), s, quick))
+        for r in summary["rows"]:
+            res.setdefault((PT_MODELS[r["method"]], round(float(r["noise"]), 4)), []).append(r["accuracy"])
         log(f"PT seed {s}: {time.time() - t:.0f} s")
     rows = []
-    for n in noises:
-        acc = {m: res[(m, n)] for m in ("finetune", "mean_teacher", "pt")}
+    for n in _noises(quick):
+        acc = {m: res[(m, n)] for m in PT_MODELS.values()}
         for m in acc:
             rows.append({"paper": "pt", "model": m, "test": f"big_test, {n:.0%} noise", "reference": "finetune",
                          **compare(acc, m, "finetune")})
@@ -155,20 +186,29 @@ def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[
     return {"rows": rows}
 
 
+def caf_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
+    """CAF's run of one seed: the caf pipeline (baseline and CAF) on its synthetic data and recipe
+    (tasks.caf.method SYNTHETIC_DATA, SYNTHETIC_RECIPE); --quick: fewer faces and epochs (a smoke run)."""
+    quick_data = {"synthetic_options": {"train_per_class": 150, "test_per_class": 40}} if quick else {}
+    return {"name": f"fidelity-caf-s{seed}", "out": out, "seed": seed, "pipeline": "caf", "report": False,
+            "caf": {"compare": True, **quick_data,
+                    "config": {"seed": seed, **({"epochs": 3, "lr_step": 20} if quick else {})}}}
+
+
 def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """CAF's Table 1/4 comparison: the critic-free baseline vs CAF, its synthetic recipe, one pair per seed."""
-    from tasks.caf.method import compare_caf_synthetic
+    """CAF's Table 1/4 comparison: the critic-free baseline vs CAF, one caf pipeline run per seed."""
     from tasks.caf.va_metrics import VA_METRICS
 
-    t = time.time()
-    # --quick: a smoke run (fewer faces and epochs); the full run keeps the recipe tasks.caf.method documents.
-    res = compare_caf_synthetic(os.path.join(out, "caf"), seeds=seeds,
-                                config={"epochs": 3, "lr_step": 20} if quick else None,
-                                synthetic={"train_per_class": 150, "test_per_class": 40} if quick else None)
-    log(f"CAF: {time.time() - t:.0f} s")
+    per_seed: dict[str, list[dict[str, Any]]] = {"baseline": [], "caf": []}
+    for s in seeds:
+        t = time.time()
+        summary = _run_pipeline(caf_config(os.path.join(out, "caf", f"seed-{s}"), s, quick))
+        for key in per_seed:
+            per_seed[key].append(summary["rows"][key])
+        log(f"CAF seed {s}: {time.time() - t:.0f} s")
     rows = []
     for metric in VA_METRICS:
-        vals = {name: [r[metric] for r in res["per_seed"][key]] for name, key in
+        vals = {name: [m[metric] for m in per_seed[key]] for name, key in
                 (("critic-free", "baseline"), ("caf", "caf"))}
         for name in vals:
             rows.append({"paper": "caf", "model": name, "test": metric, "reference": "critic-free",
@@ -176,16 +216,26 @@ def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> 
     return {"rows": rows}
 
 
-def featloss(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """The feature-loss comparison (none vs fixed vs adaptive weights), its synthetic recipe, per seed."""
-    from tasks.featloss.method import compare_featloss
+def featloss_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
+    """The feature losses' run of one seed: the featloss pipeline with none, fixed and adaptive weighting
+    (tasks.featloss.method.COMPARE_VARIANTS) on its synthetic data and recipe; --quick: fewer faces, 2 epochs."""
+    from tasks.featloss.method import COMPARE_VARIANTS
 
-    t = time.time()
-    res = compare_featloss(os.path.join(out, "featloss"), seeds=seeds,
-                           config={"epochs": 2} if quick else None,
-                           synthetic={"train_per_class": 150, "test_per_class": 40} if quick else None)
-    log(f"feature losses: {time.time() - t:.0f} s")
-    vals = {v: [r["accuracy"] for r in rows] for v, rows in res["per_seed"].items()}
+    quick_data = {"synthetic": {"train_per_class": 150, "test_per_class": 40}} if quick else {}
+    return {"name": f"fidelity-featloss-s{seed}", "out": out, "seed": seed, "pipeline": "featloss", "report": False,
+            "featloss": {"variants": list(COMPARE_VARIANTS), "report": False, **quick_data,
+                         "config": {"seed": seed, **({"epochs": 2} if quick else {})}}}
+
+
+def featloss(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The feature-loss comparison (none vs fixed vs adaptive weights), one featloss pipeline run per seed."""
+    vals: dict[str, list[float]] = {}
+    for s in seeds:
+        t = time.time()
+        summary = _run_pipeline(featloss_config(os.path.join(out, "featloss", f"seed-{s}"), s, quick))
+        for v, m in summary["metrics"].items():  # the variants in the config's order
+            vals.setdefault(v, []).append(m["test (5-crop + mirror vote)"]["accuracy"])
+        log(f"feature losses seed {s}: {time.time() - t:.0f} s")
     rows = [{"paper": "featloss", "model": v, "test": "test accuracy", "reference": "none",
              **compare(vals, v, "none")} for v in vals]
     rows += [{"paper": "featloss", "model": "adaptive", "test": "test accuracy", "reference": "fixed",

@@ -76,6 +76,22 @@ def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, devic
     return fn
 
 
+def caf_stages(run: Run, cfg: Any, train_uri: str, test_uri: str, splits: Sequence[str] | None, *,
+               compare: bool = True, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """CAF's stages in ``run`` (names prefixed by ``prefix`` inside a round): train and evaluate the
+    critic-free baseline and CAF (``compare``), or the one model ``cfg`` describes; metrics per model."""
+    variants = ([("baseline", dataclasses.replace(cfg, critic=False)), ("caf", dataclasses.replace(cfg, critic=True))]
+                if compare else [("caf" if cfg.critic else "baseline", cfg)])
+    rows: dict[str, dict[str, Any]] = {}
+    for name, c in variants:
+        tr = stage(run, f"{prefix}train-{name}", c, {"train": train_uri}, _train(c, train_uri), compute=True)
+        ev = stage(run, f"{prefix}eval-{name}", {"splits": None if splits is None else list(splits), "device": c.device},
+                   {"model": tr.uri, "test": test_uri}, _evaluate(tr.uri, test_uri, splits, c.device), compute=True)
+        with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
+            rows[name] = {**json.load(f), "checkpoint": tr.uri, "scatter_png": join(ev.uri, "scatter.png")}
+    return rows
+
+
 @flow(name="caf")
 def caf_flow(
     train_uri: str = SYNTHETIC,
@@ -109,21 +125,13 @@ def caf_flow(
     test_uri = synth if test_uri == SYNTHETIC else (test_uri or train_uri)
     splits = list(test_splits) if test_splits is not None else ["test"]
     run = Run(out)
-    variants = ([("baseline", dataclasses.replace(cfg, critic=False)), ("caf", dataclasses.replace(cfg, critic=True))]
-                if compare else [("caf" if cfg.critic else "baseline", cfg)])
-    rows: dict[str, Any] = {}
-    for name, c in variants:
-        tr = stage(run, f"train-{name}", c, {"train": train_uri}, _train(c, train_uri))
-        ev = stage(run, f"eval-{name}", {"splits": splits, "device": c.device}, {"model": tr.uri, "test": test_uri},
-                   _evaluate(tr.uri, test_uri, splits, c.device))
-        with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
-            rows[name] = {**json.load(f), "checkpoint": tr.uri, "scatter_png": join(ev.uri, "scatter.png")}
+    rows = caf_stages(run, cfg, train_uri, test_uri, splits, compare=compare)
+    what = "baseline (no critic) vs CAF" if compare else next(iter(rows))
     result = {"train_uri": train_uri, "test_uri": test_uri, "test_splits": splits, "rows": rows}
     with fsspec.open(join(run.root, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     records = results_records(rows)
     where = f"{test_uri} [{', '.join(splits) if splits else 'all rows'}]"
-    what = "baseline (no critic) vs CAF" if compare else variants[0][0]
     md = f"# caf\n\nValence/arousal, {what}: tested on {where}, trained on {train_uri}.\n\n{markdown_table(records)}\n"
     with fsspec.open(join(run.root, "results.md"), "w") as f:
         f.write(md)

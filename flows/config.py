@@ -23,8 +23,11 @@ class DataSource(BaseModel):
     """Where a data set comes from: the synthetic generator or a public data set on disk."""
 
     model_config = ConfigDict(extra="forbid")
-    format: str = "synthetic"  # a reader name: synthetic, rafdb, fer2013, ferplus, affectnet, afewva, ckplus, jaffe, folder, ms1m
-    root: str = ""  # data set folder (ignored for synthetic)
+    # A reader name (synthetic, rafdb, fer2013, ferplus, affectnet, afewva, ckplus, jaffe, folder, ms1m), or
+    # "table": ROOT is a finished fermine image table (from `fermine ingest` / `fermine align`), used as is.
+    format: str = "synthetic"
+    root: str = ""  # data set folder or file (ignored for synthetic); the table's URI for "table"
+    name: str | None = None  # a cross-data-set test set's name in the results (default: cross<i>)
     options: dict[str, Any] = Field(default_factory=dict)  # reader options, e.g. {size: 64, seed: 0}
     rows_per_shard: int = 512
     # Overrides of the run's `align` section for this source only, e.g. {detect: never} for
@@ -33,7 +36,7 @@ class DataSource(BaseModel):
 
     def ingest_config(self) -> dict[str, Any]:
         """What the ingest stage reads by (its identity and manifest): everything but the align overrides."""
-        return self.model_dump(mode="json", exclude={"align"})
+        return self.model_dump(mode="json", exclude={"align", "name"})
 
 
 class RaySection(BaseModel):
@@ -41,8 +44,15 @@ class RaySection(BaseModel):
     address: str | None = None  # None: a local Ray instance; "auto" or "ray://head:10001" for a cluster
     num_cpus: int | None = None  # local instance only
     workers: int = 2  # actors per Ray stage
-    gpus_per_worker: float = 0.0  # 0 = CPU actors; 1 on a GPU cluster
-    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0 = CPU actors and compute stages; 1 on a GPU cluster
+    cpus_per_worker: float = 1.0  # per actor, and per compute stage
+    memory_gb_per_worker: float | None = None  # memory a compute stage reserves (None: no reservation)
+    # Compute stages (training, distillation, centroids, evaluation, CAM) run as Ray tasks with the
+    # resources above, not in the flow's process; false keeps them in the flow's process.
+    place_compute: bool = True
+    # Independent chains of stages in flight at once at each fork of the DAG (0: as many as there are;
+    # the cluster's resources bound what computes at once); 1 runs the round one stage at a time.
+    max_parallel: int = Field(default=0, ge=0)
     log_to_driver: bool = False  # true: show Ray actors' own output (TensorFlow banners...) in the console
 
 
@@ -54,7 +64,13 @@ class RunConfig(BaseModel):
     out: str = "runs/round"  # run folder (any fsspec URI); stage outputs live under it
     seed: int = 0
     pipeline: Literal["round", "pasm", "omni", "pt", "caf", "featloss", "align", "evaluate"] = "round"
+    # The methods a round runs, sharing its ingest, align and teacher (pipeline round only); None: the
+    # pipeline's own (round: pasm and omni; pasm: pasm; omni: omni).
+    methods: list[Literal["pasm", "omni", "pt", "caf", "featloss"]] | None = None
     model: str | None = None  # checkpoint folder evaluated by pipeline "evaluate"
+    # A trained checkpoint used as the round's teacher (PASM's first teacher, omni's primitive learner)
+    # instead of training one from the `teacher` section.
+    teacher_checkpoint: str | None = None
     ray: RaySection = Field(default_factory=RaySection)
     labeled: DataSource = Field(default_factory=DataSource)  # train + test splits
     pool: DataSource | None = None  # unlabeled pool for mining; None = the labeled source's "pool" split
@@ -80,6 +96,19 @@ class RunConfig(BaseModel):
     caf: dict[str, Any] = Field(default_factory=dict)
     featloss: dict[str, Any] = Field(default_factory=dict)
     report: bool = True
+
+    def round_methods(self) -> list[str]:
+        """The methods this run's round computes, in DAG order (ConfigError when ``methods`` does not apply)."""
+        if self.methods is not None and self.pipeline != "round":
+            raise ConfigError(f"methods: only pipeline round runs a list of methods (this run's pipeline is "
+                              f"{self.pipeline!r}); drop `methods` or set pipeline: round")
+        if self.methods is not None and not self.methods:
+            raise ConfigError("methods: name at least one of pasm, omni, pt, caf, featloss")
+        chosen = self.methods or {"round": ["pasm", "omni"], "pasm": ["pasm"], "omni": ["omni"]}.get(self.pipeline, [])
+        return [m for m in METHOD_NAMES if m in chosen]
+
+
+METHOD_NAMES = ("pasm", "omni", "pt", "caf", "featloss")  # a round's methods, in the order they run
 
 
 def build_dataclass(cls: type, overrides: dict[str, Any], section: str) -> Any:
@@ -153,5 +182,5 @@ def packaged_config(name: str) -> Path:
     return p
 
 
-__all__ = ["ConfigError", "DataSource", "RunConfig", "apply_overrides", "build_dataclass", "load_config",
+__all__ = ["METHOD_NAMES", "ConfigError", "DataSource", "RunConfig", "apply_overrides", "build_dataclass", "load_config",
            "packaged_config"]

@@ -25,18 +25,33 @@ _FILE_LOGGERS = ("prefect", "fermine", "ray", "py.warnings", "absl", "tensorflow
 _MUTED = ("ray", "absl", "tensorflow", "py.warnings")
 
 
+# Bookkeeping stages (a model's evaluation, a figure, an erased or noisy copy of a table, PT's
+# filtered-samples report) get no console line: their results are in the tables printed at the end,
+# their records in `fermine status` and the run's log. A failure of one is always shown.
+_QUIET = ("evaluate-", "eval-", "figure-", "noise-", "pt-report-", "erase-")
+
+
+def _quiet(stage: str) -> bool:
+    return stage.rsplit(".", 1)[-1].startswith(_QUIET)  # "pt.eval-pt-30" -> "eval-pt-30"
+
+
 class _StageLines(logging.Handler):
     """Formats flows.stage's events as one line each: '  done  teacher  25 s'."""
 
     def __init__(self, stream=None):
         super().__init__(logging.INFO)
         self.stream = stream or sys.stderr
+        self.done: set[str] = set()  # stages computed in this run: another chain's reuse is no news
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "event", None)
         if event not in ("finished", "reused", "failed"):
             return
         name = getattr(record, "stage", "?")
+        if event != "failed" and (_quiet(name) or (event == "reused" and name in self.done)):
+            return
+        if event == "finished":
+            self.done.add(name)
         if event == "finished":
             text = f"  done    {name:<32} {getattr(record, 'seconds', 0.0):6.0f} s"
         elif event == "reused":

@@ -28,7 +28,7 @@ from storage.artifact import join
 def synthetic_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The generator options of the default data set: tasks.featloss.method.SYNTHETIC_DATA (the generator's default
     faces, a validation split for adaptive weighting, generated at the load size so that the five crops
-    need no resize) under ``options``; compare_featloss uses the same."""
+    need no resize) under ``options``."""
     from tasks.featloss.method import SYNTHETIC_DATA
 
     return {**SYNTHETIC_DATA, **(options or {})}
@@ -82,6 +82,41 @@ def synthetic_table(run: Run, options: dict[str, Any] | None = None) -> str:
     return stage(run, "data-synthetic", opts, {}, _synthetic(opts)).uri
 
 
+def featloss_stages(run: Run, cfgs: dict[str, Any], hcfg: Any, table: str, test: str, splits: Sequence[str], *,
+                    prefix: str = "") -> tuple[ResultsTable, dict[str, str]]:
+    """The feature-loss stages in ``run`` (names prefixed by ``prefix`` inside a round): the handcrafted
+    features once, then a training and an evaluation per variant of ``cfgs``; the results and artifacts."""
+    from tasks.engine.checkpoint import read_meta
+    from tasks.featloss.method import VARIANT_TITLES
+
+    num_classes = next(iter(cfgs.values())).num_classes
+    feats = None
+    if any(c.features for c in cfgs.values()):
+        feats = stage(run, f"{prefix}features", hcfg, {"table": table}, _features(table, hcfg, num_classes), compute=True).uri
+    results = ResultsTable()
+    uris: dict[str, str] = {"table": table, **({"features": feats} if feats else {})}
+    for name, c in cfgs.items():
+        inputs = {"table": table, **({"features": feats} if c.features and feats else {})}
+        tr = stage(run, f"{prefix}train-{name}", c, inputs, _train(c, table, feats or ""), compute=True)
+        ev = stage(run, f"{prefix}eval-{name}", {"splits": splits, "device": c.device}, {"model": tr.uri, "test": test},
+                   _evaluate(tr.uri, test, splits, c.device), compute=True)
+        with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
+            m = json.load(f)
+        meta = read_meta(tr.uri)  # the engine's model.json
+        results.add(name, {
+            "test (5-crop + mirror vote)": {"accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"]},
+            "test (centre crop)": {"accuracy": m["accuracy_center"],
+                                   "mean_class_accuracy": m["mean_class_accuracy_center"]},
+            "val (vote)": {"accuracy": (meta["metrics"].get("val") or {}).get("accuracy")},
+            "method": VARIANT_TITLES.get(name, name),
+            "lambdas": meta.get("lambdas"),
+            "train_seconds": meta["metrics"].get("train_seconds"),
+            "checkpoint": tr.uri,
+        })
+        uris[f"model-{name}"] = tr.uri
+    return results, uris
+
+
 @flow(name="featloss")
 def featloss_flow(
     out: str,
@@ -100,18 +135,11 @@ def featloss_flow(
     feature/structure/weighting fields), on top of tasks.featloss.method.SYNTHETIC_RECIPE when the data is the
     synthetic set; ``features_config`` overrides tasks.featloss.handcrafted.HandcraftedConfig (its size defaults to
     the config's input_size); ``synthetic`` overrides synthetic_options() (its size defaults to the load
-    size). One seed of tasks.featloss.method.compare_featloss, as Prefect stages.
+    size). bench/fidelity.py runs it once per seed (pipeline: featloss).
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
-    from tasks.engine.checkpoint import read_meta
-    from tasks.featloss.method import (
-        DEFAULT_VARIANTS,
-        SYNTHETIC_RECIPE,
-        VARIANT_TITLES,
-        FeatLossConfig,
-        variant_config,
-    )
     from tasks.featloss.handcrafted import HandcraftedConfig
+    from tasks.featloss.method import DEFAULT_VARIANTS, SYNTHETIC_RECIPE, FeatLossConfig, variant_config
 
     names = list(variants) if variants else list(DEFAULT_VARIANTS)
     recipe = SYNTHETIC_RECIPE if table_uri is None else {}
@@ -123,30 +151,7 @@ def featloss_flow(
     table = table_uri or synthetic_table(run, {"size": base.load_size, **(synthetic or {})})
     test = test_uri or table
     splits = list(test_splits) if test_splits is not None else ["test"]
-    feats = None
-    if any(c.features for c in cfgs.values()):
-        feats = stage(run, "features", hcfg, {"table": table}, _features(table, hcfg, base.num_classes)).uri
-    results = ResultsTable()
-    uris: dict[str, str] = {"table": table, **({"features": feats} if feats else {})}
-    for name, c in cfgs.items():
-        inputs = {"table": table, **({"features": feats} if c.features and feats else {})}
-        tr = stage(run, f"train-{name}", c, inputs, _train(c, table, feats or ""))
-        ev = stage(run, f"eval-{name}", {"splits": splits, "device": c.device}, {"model": tr.uri, "test": test},
-                   _evaluate(tr.uri, test, splits, c.device))
-        with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
-            m = json.load(f)
-        meta = read_meta(tr.uri)  # the engine's model.json
-        results.add(name, {
-            "test (5-crop + mirror vote)": {"accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"]},
-            "test (centre crop)": {"accuracy": m["accuracy_center"],
-                                   "mean_class_accuracy": m["mean_class_accuracy_center"]},
-            "val (vote)": {"accuracy": (meta["metrics"].get("val") or {}).get("accuracy")},
-            "method": VARIANT_TITLES.get(name, name),
-            "lambdas": meta.get("lambdas"),
-            "train_seconds": meta["metrics"].get("train_seconds"),
-            "checkpoint": tr.uri,
-        })
-        uris[f"model-{name}"] = tr.uri
+    results, uris = featloss_stages(run, cfgs, hcfg, table, test, splits)
     summary = publish_results(run, SimpleNamespace(name="featloss", report=report), results, {}, uris)
     summary.update(test_uri=test, test_splits=splits, config=base.to_dict(), features_config=hcfg.to_dict())
     return summary

@@ -61,6 +61,35 @@ def method_options(cfg: RunConfig, name: str) -> dict[str, Any]:
     return options
 
 
+# The options that name a method pipeline's own data: in a round, every method uses the run's tables.
+DATA_OPTIONS: dict[str, tuple[str, ...]] = {
+    "pt": ("labeled_uri", "pool_uri", "test_uri", "test_splits", "val_uri", "synthetic_options"),
+    "caf": ("train_uri", "test_uri", "test_splits", "synthetic_options"),
+    "featloss": ("table_uri", "test_uri", "test_splits", "synthetic", "report"),
+}
+# The method config modules whose SYNTHETIC_RECIPE applies on synthetic data.
+_RECIPES = {"pt": "flows.pt", "caf": "tasks.caf.method", "featloss": "tasks.featloss.method"}
+
+
+def round_options(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """Method ``name``'s validated options for a round (ConfigError): its data options are refused, the
+    round's tables (ingested and aligned once) are what every method trains and tests on."""
+    options = method_options(cfg, name)
+    own = sorted(set(options) & set(DATA_OPTIONS[name]))
+    if own:
+        raise ConfigError(f"{name}: {own} name data of its own, but in a round (methods: [...]) {name} uses the "
+                          f"run's `labeled` source (and `pool`, `test_split`); drop them, or run it alone with "
+                          f"pipeline: {name}")
+    return options
+
+
+def synthetic_recipe(name: str) -> dict[str, Any]:
+    """Method ``name``'s recipe for the embedded synthetic data (its SYNTHETIC_RECIPE)."""
+    import importlib
+
+    return dict(importlib.import_module(_RECIPES[name]).SYNTHETIC_RECIPE)
+
+
 def method_defaults(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Section ``name`` with every default filled in (for `fermine config --defaults`): the flow's
     parameters, and under ``config`` the method config's fields. On synthetic data the flows use the
@@ -76,8 +105,9 @@ def method_defaults(name: str, options: dict[str, Any] | None = None) -> dict[st
 def _records(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """One results-table row per model, whatever the flow's own result layout."""
     if name == "pt":
-        return [{"model": r["method"], "noise": r["noise"], "accuracy": r["accuracy"],
-                 "mean class accuracy": r["mean_class_accuracy"]} for r in result["rows"]]
+        from flows.pt import records
+
+        return records(result["rows"])
     if name == "caf":
         from flows.caf import results_records
 
@@ -88,8 +118,10 @@ def _records(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
 def _pipeline(name: str, cfg: RunConfig) -> dict[str, Any]:
     fl, _ = _resolve(name)
     options = method_options(cfg, name)
+    cfg.round_methods()  # `methods` is for pipeline round: refused here with a message
     result = fl(out=cfg.out, **options)
-    return {**result, "name": cfg.name, "run": cfg.out, "results": _records(name, result),
+    records = _records(name, result)
+    return {**result, "name": cfg.name, "run": cfg.out, "results": records, "sections": {name: records},
             "report": result.get("report")}
 
 

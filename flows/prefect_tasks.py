@@ -13,12 +13,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.stage import Run, StageRecord
+from flows.stage import Placer, Run, StageRecord
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def _stage_task(run_root: str, name: str, config: Any, inputs: Mapping[str, str], fn: Callable[[str], Any]) -> StageRecord:
-    return Run(run_root).stage(name, config, inputs, fn)
+def _stage_task(run_root: str, name: str, config: Any, inputs: Mapping[str, str], fn: Callable[[str], Any],
+                placer: Placer | None = None) -> StageRecord:
+    return Run(run_root).stage(name, config, inputs, fn, placer)
 
 
 def stage(
@@ -30,12 +31,16 @@ def stage(
     *,
     ray: bool = False,
     retries: int = 2,
+    compute: bool = False,
 ) -> StageRecord:
     """Run one stage as a Prefect task; stages that talk to Ray retry with backoff.
 
-    A retry lands in the same output folder, so work finished by the failed attempt is kept.
+    ``compute``: the stage computes (trains, distils, evaluates, draws with a model), so it runs where
+    the run places compute (``run.placer``: a Ray worker with the stage's resources), not in this
+    process. A retry lands in the same output folder, so work finished by the failed attempt is kept.
     """
     opts: dict[str, Any] = {"name": name, "task_run_name": name}
     if ray:
         opts.update(retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
-    return _stage_task.with_options(**opts)(run.root, name, config, inputs, fn)
+    placer = run.placer if compute else None
+    return _stage_task.with_options(**opts)(run.root, name, config, inputs, fn, placer)

@@ -50,7 +50,7 @@ def synthetic_table(out: str, size: int, options: dict[str, Any] | None = None, 
     return uri
 
 
-# PT's recipe on the synthetic data (measured with bench/pt_compare.py; README, Results): the paper's is
+# PT's recipe on the synthetic data (measured with bench/fidelity.py --only pt; README, Results): the paper's is
 # sized for RAF-DB at batch 200 (T = 300 iterations within 6 epochs). 1050 labeled images at batch 64 (16
 # labeled a step) give ~66 iterations an epoch, so T = 130 is two epochs and the EMA cap 0.99 averages
 # ~100 steps; labels clean but for the injected noise need no forget margin on top of the noise rate.
@@ -105,6 +105,14 @@ def synthetic_backbone(out: str, size: int, arch: str = "small_cnn", epochs: int
     return weights
 
 
+def pretrain(size: int, arch: str, device: str, seed: int):
+    """The synthetic backbone as a stage body: pretrained into the stage's folder (synthetic_backbone)."""
+    def fn(out: str) -> None:
+        synthetic_backbone(out, size, arch, device=device, seed=seed)
+
+    return fn
+
+
 def _inject(labeled_uri: str, kind: str, rate: float, seed: int, splits: Sequence[str]):
     def fn(out: str) -> None:
         from tasks.pt.label_noise import inject_noise
@@ -153,6 +161,60 @@ def _evaluate(model_uri: str, test_uri: str, splits: Sequence[str] | None, devic
     return fn
 
 
+def pt_stages(run: Run, cfg: Any, labeled_uri: str, pool_uri: str | None, test_uri: str, splits: Sequence[str],
+              rates: Sequence[float], *, noise_kind: str = "symmetric", noise_seed: int = 0, compare: bool = True,
+              val_uri: str | None = None, prefix: str = "") -> list[dict[str, Any]]:
+    """PT's stages in ``run`` (names prefixed by ``prefix`` inside a round); returns one row per model.
+
+    Per noise rate: the noisy table, fine-tune and Mean Teacher (``compare``), PT, the filtered-samples
+    report and an evaluation stage per model.
+    """
+    from tasks.pt.method import finetune_config, mean_teacher_config
+
+    rows: list[dict[str, Any]] = []
+    for rate in rates:
+        pct = f"{100 * rate:g}"
+        train_uri = labeled_uri
+        if rate > 0:
+            spec = {"kind": noise_kind, "rate": rate, "seed": noise_seed, "splits": list(cfg.train_splits)}
+            train_uri = stage(run, f"{prefix}noise-{noise_kind}-{pct}", spec, {"labeled": labeled_uri},
+                              _inject(labeled_uri, noise_kind, rate, noise_seed, cfg.train_splits)).uri
+        inputs = {"labeled": train_uri, **({"pool": pool_uri} if pool_uri else {}), **({"val": val_uri} if val_uri else {})}
+        variants: list[tuple[str, str, Any]] = []
+        if compare:
+            variants.append(("Fine-tune (baseline)", f"finetune-{pct}", finetune_config(cfg)))
+            variants.append(("Mean Teacher", f"mean-teacher-{pct}", mean_teacher_config(cfg)))
+        variants.append(("PT", f"pt-{pct}", cfg))
+        for method, name, c in variants:
+            extra: dict[str, Any] = {}
+            if name.startswith("finetune"):
+                tr = stage(run, prefix + name, c, {"labeled": train_uri}, _finetune(c, train_uri), compute=True)
+            else:
+                tr = stage(run, prefix + name, c, inputs, _pt(c, train_uri, pool_uri, val_uri), compute=True)
+                with fsspec.open(join(tr.uri, "pt.json"), "r") as f:
+                    m = json.load(f)["metrics"]
+                extra = {k: m.get(k) for k in ("forget_rate", "filtered_out", "noisy_filtered_rate",
+                                               "clean_filtered_rate", "filtered_precision") if k in m}
+                if c.forget_rate != 0:
+                    rep = stage(run, f"{prefix}pt-report-{pct}", {"size": c.input_size},
+                                {"run": tr.uri, "labeled": train_uri}, _report(tr.uri, train_uri, c.input_size), compute=True)
+                    extra["report"] = rep.uri
+            # the run folder holds the model (for PT: the chosen teacher, model.pt + model.json)
+            ev = stage(run, f"{prefix}eval-{name}", {"splits": list(splits), "device": c.device},
+                       {"model": tr.uri, "test": test_uri}, _evaluate(tr.uri, test_uri, splits, c.device), compute=True)
+            with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
+                em = json.load(f)
+            rows.append({"method": method, "noise": rate, "noise_kind": noise_kind, "accuracy": em["accuracy"],
+                         "mean_class_accuracy": em["mean_class_accuracy"], "checkpoint": tr.uri, **extra})
+    return rows
+
+
+def records(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results-table rows of PT's models (Table 4's columns)."""
+    return [{"model": r["method"], "noise": r["noise"], "accuracy": r["accuracy"],
+             "mean class accuracy": r["mean_class_accuracy"]} for r in rows]
+
+
 @flow(name="progressive-teacher")
 def pt_flow(
     labeled_uri: str = SYNTHETIC,
@@ -179,7 +241,7 @@ def pt_flow(
     from a pretrained one. ``config`` overrides tasks.pt.method.PTConfig fields; ``test_uri``
     defaults to ``labeled_uri`` and ``test_splits`` to ["test"]; ``noise_rates`` to [0, 0.1, 0.2, 0.3].
     """
-    from tasks.pt.method import PTConfig, finetune_config, mean_teacher_config
+    from tasks.pt.method import PTConfig
 
     overrides = dict(config or {})
     if labeled_uri == SYNTHETIC:
@@ -198,48 +260,13 @@ def pt_flow(
     splits = list(test_splits) if test_splits is not None else ["test"]
     rates = list(noise_rates) if noise_rates is not None else [0.0, 0.1, 0.2, 0.3]
     run = Run(out)
-    rows: list[dict[str, Any]] = []
-    for rate in rates:
-        pct = f"{100 * rate:g}"
-        train_uri = labeled_uri
-        if rate > 0:
-            spec = {"kind": noise_kind, "rate": rate, "seed": noise_seed, "splits": list(cfg.train_splits)}
-            train_uri = stage(run, f"noise-{noise_kind}-{pct}", spec, {"labeled": labeled_uri},
-                              _inject(labeled_uri, noise_kind, rate, noise_seed, cfg.train_splits)).uri
-        inputs = {"labeled": train_uri, **({"pool": pool_uri} if pool_uri else {}), **({"val": val_uri} if val_uri else {})}
-        variants: list[tuple[str, str, Any]] = []
-        if compare:
-            variants.append(("Fine-tune (baseline)", f"finetune-{pct}", finetune_config(cfg)))
-            variants.append(("Mean Teacher", f"mean-teacher-{pct}", mean_teacher_config(cfg)))
-        variants.append(("PT", f"pt-{pct}", cfg))
-        for method, name, c in variants:
-            if name.startswith("finetune"):
-                tr = stage(run, name, c, {"labeled": train_uri}, _finetune(c, train_uri))
-                model_uri = tr.uri
-                extra: dict[str, Any] = {}
-            else:
-                tr = stage(run, name, c, inputs, _pt(c, train_uri, pool_uri, val_uri))
-                model_uri = tr.uri  # the run folder holds the chosen teacher (model.pt + model.json)
-                with fsspec.open(join(tr.uri, "pt.json"), "r") as f:
-                    m = json.load(f)["metrics"]
-                extra = {k: m.get(k) for k in ("forget_rate", "filtered_out", "noisy_filtered_rate",
-                                               "clean_filtered_rate", "filtered_precision") if k in m}
-                if c.forget_rate != 0:
-                    rep = stage(run, f"pt-report-{pct}", {"size": c.input_size}, {"run": tr.uri, "labeled": train_uri},
-                                _report(tr.uri, train_uri, c.input_size))
-                    extra["report"] = rep.uri
-            ev = stage(run, f"eval-{name}", {"splits": splits, "device": c.device}, {"model": tr.uri, "test": test_uri},
-                       _evaluate(model_uri, test_uri, splits, c.device))
-            with fsspec.open(join(ev.uri, "metrics.json"), "r") as f:
-                em = json.load(f)
-            rows.append({"method": method, "noise": rate, "noise_kind": noise_kind, "accuracy": em["accuracy"],
-                         "mean_class_accuracy": em["mean_class_accuracy"], "checkpoint": model_uri, **extra})
+    rows = pt_stages(run, cfg, labeled_uri, pool_uri, test_uri, splits, rates, noise_kind=noise_kind,
+                     noise_seed=noise_seed, compare=compare, val_uri=val_uri)
     result = {"labeled_uri": labeled_uri, "pool_uri": pool_uri, "test_uri": test_uri, "test_splits": splits,
               "config": dataclasses.asdict(cfg), "rows": rows}
     with fsspec.open(join(run.root, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
-    table = [{"method": r["method"], "noise": r["noise"], "accuracy": r["accuracy"],
-              "mean class accuracy": r["mean_class_accuracy"]} for r in rows]
+    table = records(rows)
     md = f"# Progressive Teacher ({noise_kind} noise), test splits {', '.join(splits)}\n\n{markdown_table(table)}\n"
     with fsspec.open(join(run.root, "results.md"), "w") as f:
         f.write(md)

@@ -128,6 +128,13 @@ def _per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _where(p: dict[str, Any]) -> str:
+    """'host / cpu' for a stage placed on a Ray worker, 'host / flow process' for one run by the flow."""
+    if not p:
+        return ""
+    return f"{p.get('host', '?')} / {'flow process' if p.get('device') == 'driver' else p.get('device')}"
+
+
 def _stage_rows(run: Run) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
     """The stages table, (stage, output path) of every stage with an output folder, total bytes."""
     rows, outputs, total = [], [], 0
@@ -142,6 +149,7 @@ def _stage_rows(run: Run) -> tuple[list[dict[str, Any]], list[tuple[str, str]], 
             # A reused stage has no duration of its own: show what computing it took.
             "seconds": rec.seconds if rec else row.get("seconds"),
             "size": _human(size) if uri else "",
+            "where": _where(row.get("placement") or (rec.placement if rec else {})),
             "output": (uri or "").rsplit("/", 1)[-1],
         }
         if row.get("error"):
@@ -150,6 +158,63 @@ def _stage_rows(run: Run) -> tuple[list[dict[str, Any]], list[tuple[str, str]], 
         if uri:
             outputs.append((row["stage"], fsspec.core.url_to_fs(uri)[1]))
     return rows, outputs, total
+
+
+def timeline_rows(run: Run) -> list[dict[str, Any]]:
+    """Each stage computed in this run folder: name, lane (where it ran), start and end (s after the first)."""
+    done = [e for e in run.events() if e.get("event") == "finished" and e.get("started") is not None]
+    if not done:
+        return []
+    t0 = min(float(e["started"]) for e in done)
+    rows = []
+    for e in done:
+        p = e.get("placement") or {}
+        lane = p.get("host") or "?"
+        lane += f" / {p['device']}" if p.get("device") not in (None, "driver") else " / flow process"
+        if p.get("node_id"):
+            lane += f" (node {str(p['node_id'])[:8]})"
+        start = float(p.get("started", e["started"]))
+        rows.append({"stage": e["stage"], "lane": lane, "start": start - t0, "end": float(e["time"]) - t0,
+                     "waited": start - float(e["started"])})
+    return rows
+
+
+def _timeline_svg(rows: list[dict[str, Any]]) -> str:
+    """The run's stages as bars over time, one band per node/device, overlapping stages stacked."""
+    if not rows:
+        return ""
+    lanes: dict[str, list[list[dict[str, Any]]]] = {}
+    for r in sorted(rows, key=lambda r: r["start"]):
+        tracks = lanes.setdefault(r["lane"], [])
+        for track in tracks:  # the first track free at this start (greedy interval colouring)
+            if track[-1]["end"] <= r["start"] + 1e-6:
+                track.append(r)
+                break
+        else:
+            tracks.append([r])
+    span = max(r["end"] for r in rows) or 1.0
+    label_w, width, row_h = 230, 760, 16
+    height = sum(len(t) for t in lanes.values()) * row_h + len(lanes) * 8 + 24
+    parts, y = [], 4
+    for lane, tracks in lanes.items():
+        parts.append(f'<text x="2" y="{y + 12}" font-size="11">{html.escape(lane)}</text>')
+        for track in tracks:
+            for r in track:
+                x = label_w + width * r["start"] / span
+                w = max(1.5, width * (r["end"] - r["start"]) / span)
+                tip = f"{r['stage']}: {r['end'] - r['start']:.1f} s" + (
+                    f" (waited {r['waited']:.1f} s for resources)" if r["waited"] > 0.5 else "")
+                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 3}" fill="#4a7ab8">'
+                             f"<title>{html.escape(tip)}</title></rect>")
+                if w > 60:
+                    parts.append(f'<text x="{x + 3:.1f}" y="{y + 10}" font-size="9" fill="#fff">'
+                                 f"{html.escape(r['stage'][: int(w / 5.5)])}</text>")
+            y += row_h
+        y += 8
+    parts.append(f'<text x="{label_w}" y="{y + 12}" font-size="10">0 s</text>'
+                 f'<text x="{label_w + width - 40}" y="{y + 12}" font-size="10">{span:.0f} s</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 10}" height="{height}" '
+            f'role="img" aria-label="stage timeline">{"".join(parts)}</svg>')
 
 
 def _figure_sections(fs: Any, root: str, outputs: list[tuple[str, str]]) -> list[str]:
@@ -187,6 +252,12 @@ def build_report(run_root: str, out: str | None = None) -> str:
 
     sections: list[tuple[str, str]] = []  # (anchor, html) in page order
     results_html = _table(summary.get("results", []))
+    method_sections = summary.get("sections") or {}
+    if len(method_sections) > 1:  # a round of several methods: a table per method
+        from flows.results import SECTION_TITLES
+
+        results_html = "".join(f'<h3 id="results-{html.escape(k)}">{html.escape(SECTION_TITLES.get(k, k))}</h3>'
+                               + _table(list(v)) for k, v in method_sections.items())
     if not summary:
         results_html = '<p class="muted">no results.json yet: the run has not finished</p>'
     sections.append(("results", f'<h2 id="results">Results</h2>{results_html}'))
@@ -200,6 +271,12 @@ def build_report(run_root: str, out: str | None = None) -> str:
                      f'<p class="muted">{len(stages)} stages, {total_s:.1f} s of compute, {_human(total_b)} of artifacts</p>'
                      + _table(stages, {"seconds": 1})))
 
+    timeline = _timeline_svg(timeline_rows(run))
+    if timeline:
+        sections.append(("timeline", '<h2 id="timeline">Timeline</h2><p class="muted">each stage computed in '
+                         "this folder, by where it ran (host / device); stacked bars ran at the same time; hover "
+                         f"for seconds</p>{timeline}"))
+
     for part in _figure_sections(fs, root, outputs):
         anchor = part.split('id="', 1)[1].split('"', 1)[0]
         sections.append((anchor, part))
@@ -209,6 +286,7 @@ def build_report(run_root: str, out: str | None = None) -> str:
         sections.append(("config", '<h2 id="config">Config</h2><pre>' + html.escape(fs.cat_file(cfg_path).decode()) + "</pre>"))
 
     titles = {"results": "Results", "per-class": "Per-class", "stages": "Stages", "config": "Config",
+              "timeline": "Timeline",
               **{k: t for k, t, _, _ in FIGURE_SECTIONS}}
     nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(titles[a])}</a>' for a, _ in sections) + "</nav>"
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>fermine report: {html.escape(str(title))}</title>"

@@ -21,27 +21,55 @@ log = logging.getLogger("fermine.results")
 HEADLINE = ("accuracy", "mean_class_accuracy")
 
 
+SHARED = "teacher"  # the section of a row every section shows (the round's teacher: PASM's and omni's baseline)
+
+
 class ResultsTable:
+    """Models' metrics per test set; a row may belong to a section (the method it reports on)."""
+
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
+        self.section_of: dict[str, str | None] = {}
 
-    def add(self, name: str, metrics: Mapping[str, Any]) -> None:
+    def add(self, name: str, metrics: Mapping[str, Any], section: str | None = None) -> None:
         self.rows[name] = dict(metrics)
+        self.section_of[name] = section
 
-    def columns(self) -> list[tuple[str, str]]:
+    def reorder(self, names: Sequence[str]) -> None:
+        """Put the rows in the order of ``names`` (rows not named keep their order, after them)."""
+        rank = {n: i for i, n in enumerate(names)}
+        order = sorted(self.rows, key=lambda n: (rank.get(n, len(rank)), list(self.rows).index(n)))
+        self.rows = {n: self.rows[n] for n in order}
+        self.section_of = {n: self.section_of.get(n) for n in order}
+
+    def sections(self) -> list[str]:
+        """The sections of the rows, first seen first (SHARED is not one of its own)."""
+        seen: list[str] = []
+        for s in self.section_of.values():
+            if s and s != SHARED and s not in seen:
+                seen.append(s)
+        return seen
+
+    def _names(self, section: str | None) -> list[str]:
+        return [n for n in self.rows if section is None or self.section_of.get(n) in (section, SHARED)]
+
+    def columns(self, section: str | None = None) -> list[tuple[str, str]]:
         cols: list[tuple[str, str]] = []
-        for metrics in self.rows.values():
-            for test_set, m in metrics.items():
+        for name in self._names(section):
+            for test_set, m in self.rows[name].items():
                 for key in HEADLINE:
                     if isinstance(m, Mapping) and key in m and (test_set, key) not in cols:
                         cols.append((test_set, key))
         return cols
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, section: str | None = None) -> list[dict[str, Any]]:
+        """One record per model (of ``section`` and the shared rows, or every model)."""
         out = []
-        for name, metrics in self.rows.items():
+        columns = self.columns(section)
+        for name in self._names(section):
+            metrics = self.rows[name]
             rec: dict[str, Any] = {"model": name}
-            for test_set, key in self.columns():
+            for test_set, key in columns:
                 v = metrics.get(test_set, {}).get(key)
                 rec[f"{test_set} {key.replace('_', ' ')}"] = None if v is None else round(float(v), 4)
             out.append(rec)
@@ -75,8 +103,19 @@ def markdown_table(records: Sequence[Mapping[str, Any]], digits: int = 4) -> str
     return "\n".join(lines)
 
 
+SECTION_TITLES = {"pasm": "PASM (point adversarial self-mining)", "omni": "Omni-supervised (mining + distillation)",
+                  "pt": "Progressive Teacher (label noise)", "caf": "CAF (valence/arousal)",
+                  "featloss": "Handcrafted feature losses"}
+
+
 def publish_results(run: Run, cfg: Any, results: ResultsTable, figures: Mapping[str, str | None],
-                    uris: Mapping[str, str]) -> dict[str, Any]:
+                    uris: Mapping[str, str], sections: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+                    ) -> dict[str, Any]:
+    """results.json / results.md, the Prefect artifacts and the HTML report of a finished run.
+
+    ``results`` in the summary is the classification table of every evaluated model; ``sections`` (when
+    given) holds each method's own table (a round of several methods: one per method).
+    """
     summary = {
         "name": cfg.name,
         "run": run.root,
@@ -85,11 +124,19 @@ def publish_results(run: Run, cfg: Any, results: ResultsTable, figures: Mapping[
         "figures": {k: v for k, v in figures.items() if v},
         "artifacts": dict(uris),
     }
+    if sections:
+        summary["sections"] = {k: [dict(r) for r in v] for k, v in sections.items()}
     with fsspec.open(join(run.root, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     with fsspec.open(join(run.root, "results.md"), "w") as f:
-        f.write(f"# {cfg.name}\n\n{results.markdown()}\n")
+        if sections:
+            parts = [f"## {SECTION_TITLES.get(k, k)}\n\n{markdown_table(v)}\n" for k, v in sections.items()]
+            f.write(f"# {cfg.name}\n\n" + "\n".join(parts))
+        else:
+            f.write(f"# {cfg.name}\n\n{results.markdown()}\n")
     _prefect_artifacts(cfg.name, results)
+    for k, v in (sections or {}).items():
+        publish_artifacts(f"{cfg.name} {k}", list(v), description=f"{cfg.name}: {SECTION_TITLES.get(k, k)}")
     if getattr(cfg, "report", True):
         from flows.report import build_report
         from tasks.figures import draw_safely

@@ -1,8 +1,16 @@
-"""The full round as one Prefect flow, plus the PASM-only and omni-only flows built from it.
+"""The round as one Prefect flow: the run config's methods over one ingest, align and teacher.
 
-ingest -> align -> teacher -> (attack -> erase -> student) x N [+ Table VII: random / adversarial erasing,
-       PASM w/o teacher]
-       -> centroids -> mine -> distill -> retrain (VAS, DAS) -> evaluate (inner + cross)
+ingest -> align -> teacher -> pasm: (attack -> erase -> student) x N [+ Table VII: random / adversarial
+                                    erasing, PASM w/o teacher]
+                           -> omni: centroids -> mine -> distill -> retrain (VAS, DAS)
+                           -> evaluate (inner, extra test splits, cross)
+              -> pt: noise -> fine-tune / Mean Teacher / PT -> evaluate    (on the aligned labeled table)
+              -> caf: baseline / CAF -> evaluate                           (its valence/arousal labels)
+              -> featloss: features -> a training per variant -> evaluate
+
+``methods`` in the config picks them (default: pasm and omni); the PT, CAF and feature-loss stages are
+the same ones their own pipelines run (flows/pt.py, flows/caf.py, flows/featloss.py), named
+``pt.*``, ``caf.*`` and ``featloss.*`` here.
 
 Every box is a stage (flows.prefect_tasks.stage): its output folder is named by its identity,
 so rerunning the flow after a failure or a kill redoes only the unfinished stages.
@@ -10,8 +18,11 @@ so rerunning the flow after a failure or a kill redoes only the unfinished stage
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from typing import Any
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import fsspec
 
@@ -19,6 +30,7 @@ from prefect import flow, get_run_logger
 
 from flows import steps
 from flows.config import ConfigError, DataSource, RunConfig, load_config
+from flows.placement import placer_for
 from flows.prefect_tasks import stage
 from flows.results import ResultsTable, publish_artifacts, publish_results
 from flows.stage import Run
@@ -39,46 +51,79 @@ class Round:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.run = Run(cfg.out)
+        self.run = Run(cfg.out, placer=placer_for(cfg.ray))
         with fsspec.open(join(self.run.root, "config.json"), "w") as f:
             f.write(cfg.model_dump_json(indent=2))  # the report and `fermine status` read it back
         self.results = ResultsTable()
+        self.sections: dict[str, list[dict[str, Any]]] = {}  # method -> its results rows (PT, CAF, featloss)
+        self._pools = threading.Lock()  # see pool_stage
         self.uris: dict[str, str] = {}
         self.figures: dict[str, str] = {}
         self.teacher_cfg = steps.train_config(cfg.teacher, cfg.seed, "teacher")
         self.retrain_cfg = steps.train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain")
 
     # ---- data -------------------------------------------------------------------------------
+    def pool_stage(self, name: str, config: Any, inputs: dict[str, str], fn: Callable[[str], Any]) -> Any:
+        """A stage whose body drives a pool of Ray actors (align, attack, mine). One such stage at a time:
+        two pools each holding part of the cluster while waiting for the rest would wait for each other
+        forever; compute stages beside it only queue for what the pool leaves."""
+        with self._pools:
+            return stage(self.run, name, config, inputs, fn, ray=True)
+
+    def parallel(self, *chains: Callable[[], Any]) -> list[Any]:
+        """Run independent chains of stages at once and return their results in order.
+
+        Threads only orchestrate: compute stages wait on Ray, which runs what the cluster's resources
+        allow (on a 2-core laptop: two 1-CPU stages), so nothing is oversubscribed. ``ray.max_parallel``
+        caps the chains in flight (1: sequential). Every chain runs to its end even when another fails
+        (finished stages are kept for the rerun); the first failure is then raised.
+        """
+        limit = self.cfg.ray.max_parallel
+        if len(chains) <= 1 or limit == 1:
+            return [c() for c in chains]
+        # Ray is started (or joined) here, in the flow's thread, before the chains need it: ray.init
+        # from a worker thread cannot install its signal handlers.
+        steps.connect_ray(self.cfg.ray)
+        with ThreadPoolExecutor(max_workers=min(len(chains), limit or len(chains)), thread_name_prefix="chain") as ex:
+            # Each thread gets a copy of this context: Prefect's flow run (its tasks' parent) included.
+            futures = [ex.submit(contextvars.copy_context().run, c) for c in chains]
+            return [f.result() for f in futures]
+
     def data(self) -> None:
         c = self.cfg
-        self.uris["labeled"] = self.uris["pool"] = self._ingest_and_align("", c.labeled)
-        if c.pool is not None:
-            self.uris["pool"] = self._ingest_and_align("-pool", c.pool)
-        for i, src in enumerate(c.cross):
-            self.uris[f"cross{i}"] = self._ingest_and_align(f"-cross{i}", src)
+        sources = [("", c.labeled)] + ([("-pool", c.pool)] if c.pool is not None else []) + [
+            (f"-cross{i}", src) for i, src in enumerate(c.cross)]
+        uris = self.parallel(*[lambda suffix=suffix, src=src: self._ingest_and_align(suffix, src)
+                               for suffix, src in sources])
+        for (suffix, _), uri in zip(sources, uris):
+            self.uris[suffix.lstrip("-") or "labeled"] = uri
+        self.uris.setdefault("pool", self.uris["labeled"])
 
     def _ingest_and_align(self, suffix: str, src: DataSource) -> str:
-        """ingest{suffix} -> align{suffix}, the run's align settings with the source's own on top."""
+        """ingest{suffix} -> align{suffix}, the run's align settings with the source's own on top; a
+        finished image table (format "table") is used as it is."""
+        if src.format == steps.TABLE:
+            return src.root
         raw = stage(self.run, f"ingest{suffix}", src.ingest_config(), {}, steps.ingest(src))
         align_cfg = steps.align_config({**self.cfg.align, **src.align})
-        return stage(self.run, f"align{suffix}", align_cfg, {"images": raw.uri},
-                     steps.align(align_cfg, raw.uri, self.cfg.ray), ray=True).uri
+        return self.pool_stage(f"align{suffix}", align_cfg, {"images": raw.uri},
+                               steps.align(align_cfg, raw.uri, self.cfg.ray)).uri
 
     def test_sets(self) -> dict[str, tuple[str, tuple[str, ...] | None]]:
         sets = {"inner": (self.uris["labeled"], (self.cfg.test_split,))}
         for split in self.cfg.extra_test_splits:
             sets[split.removeprefix("test_")] = (self.uris["labeled"], (split,))
-        for i in range(len(self.cfg.cross)):
-            sets[f"cross{i}"] = (self.uris[f"cross{i}"], None)
+        for i, src in enumerate(self.cfg.cross):
+            sets[src.name or f"cross{i}"] = (self.uris[f"cross{i}"], None)
         return sets
 
-    def evaluate(self, name: str, checkpoint_uri: str) -> dict[str, Any]:
+    def evaluate(self, name: str, checkpoint_uri: str, section: str | None = None) -> dict[str, Any]:
         sets = self.test_sets()
         rec = stage(self.run, f"evaluate-{name}", {"sets": {k: [v[0].rsplit('/', 1)[-1], v[1]] for k, v in sets.items()}},
                     {"model": checkpoint_uri, **{k: v[0] for k, v in sets.items()}},
-                    steps.evaluate(checkpoint_uri, sets))
+                    steps.evaluate(checkpoint_uri, sets), compute=True)
         metrics = steps.read_json(rec.uri, "metrics.json")
-        self.results.add(name, metrics)
+        self.results.add(name, metrics, section)
         _logger().info("%s: %s", name, self.results.summary(name))
         # The model's metrics per test set, in the UI as soon as it is evaluated (the run's table comes last).
         publish_artifacts(f"{self.cfg.name} {name}", [
@@ -89,10 +134,14 @@ class Round:
 
     # ---- teacher and PASM -------------------------------------------------------------------
     def teacher(self) -> str:
+        if self.cfg.teacher_checkpoint:  # a trained teacher given: evaluated, not retrained
+            self.uris["teacher"] = self.cfg.teacher_checkpoint
+            self.evaluate("teacher", self.cfg.teacher_checkpoint, "teacher")
+            return self.cfg.teacher_checkpoint
         rec = stage(self.run, "teacher", self.teacher_cfg, {"train": self.uris["labeled"]},
-                    steps.train(self.teacher_cfg, [self.uris["labeled"]]))
+                    steps.train(self.teacher_cfg, [self.uris["labeled"]]), compute=True)
         self.uris["teacher"] = rec.uri
-        self.evaluate("teacher", rec.uri)
+        self.evaluate("teacher", rec.uri, "teacher")
         return rec.uri
 
     def pasm(self) -> None:
@@ -100,6 +149,12 @@ class Round:
         c = self.cfg
         attack_cfg = steps.attack_config(c.attack, c.seed)
         pasm_cfg = steps.pasm_config(c.pasm, self.teacher_cfg, attack_cfg)
+        self.parallel(lambda: self._rounds(pasm_cfg, attack_cfg),
+                      *[lambda cond=cond: self._table7(pasm_cfg, attack_cfg, cond) for cond in pasm_cfg.compare])
+
+    def _rounds(self, pasm_cfg: Any, attack_cfg: Any) -> None:
+        """Algorithm 1: each round's student becomes the next round's teacher."""
+        c = self.cfg
         labeled, teacher = self.uris["labeled"], self.uris["teacher"]
         row = "random-erasing-r{}" if pasm_cfg.random_erasing else "pasm-r{}"
         figure_rows: list[dict[str, str]] = []
@@ -111,12 +166,11 @@ class Round:
             student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + r)
             st = stage(self.run, f"student-r{r}", {"train": student_cfg, "pasm": pasm_cfg},
                        {"erased": erased, "teacher": teacher, "images": labeled},
-                       steps.student(student_cfg, pasm_cfg, erased, labeled, teacher))
-            self.evaluate(row.format(r), st.uri)
+                       steps.student(student_cfg, pasm_cfg, erased, labeled, teacher), compute=True)
+            self.evaluate(row.format(r), st.uri, "pasm")
             figure_rows.append({"round": str(r), "erased": erased})
             teacher = st.uri
         self.uris["pasm"] = teacher
-        self._table7(pasm_cfg, attack_cfg)
         fig = stage(self.run, "figure-pasm", {"rows": len(figure_rows)},
                     {f"r{i}": row["erased"] for i, row in enumerate(figure_rows)},
                     steps.pasm_figure(figure_rows, labeled))
@@ -126,19 +180,20 @@ class Round:
         """Round r's new learning material: the point attack by this round's teacher, erased there."""
         labeled = self.uris["labeled"]
         att_cfg = steps.round_attack_config(attack_cfg, r)
-        att = stage(self.run, f"attack-r{r}", att_cfg, {"teacher": teacher, "images": labeled},
-                    steps.attack(att_cfg, teacher, labeled, self.cfg.ray), ray=True)
+        att = self.pool_stage(f"attack-r{r}", att_cfg, {"teacher": teacher, "images": labeled},
+                              steps.attack(att_cfg, teacher, labeled, self.cfg.ray))
         erase_cfg = steps.erase_config(pasm_cfg, random_position=False, seed=self.cfg.seed + r)
         return stage(self.run, f"erase-r{r}", erase_cfg, {"images": labeled, "positions": att.uri},
-                     steps.erase(erase_cfg, labeled, att.uri)).uri
+                     steps.erase(erase_cfg, labeled, att.uri), compute=True).uri
 
     def _random_square(self, pasm_cfg: Any, name: str, seed: int) -> str:
         labeled = self.uris["labeled"]
         cfg = steps.erase_config(pasm_cfg, random_position=True, seed=seed)
-        return stage(self.run, name, cfg, {"images": labeled}, steps.erase(cfg, labeled, None)).uri
+        return stage(self.run, name, cfg, {"images": labeled}, steps.erase(cfg, labeled, None), compute=True).uri
 
-    def _table7(self, pasm_cfg: Any, attack_cfg: Any) -> None:
-        """PASM Table VII: one round, no teacher guidance, the teacher's initialisation and recipe.
+    def _table7(self, pasm_cfg: Any, attack_cfg: Any, cond: str) -> None:
+        """One condition of PASM Table VII: one round, no teacher guidance, the teacher's initialisation
+        and recipe.
 
         The conditions differ only in the erased region: random (Zhong et al.), attention (Wei et al.)
         or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
@@ -146,31 +201,31 @@ class Round:
         """
         c, labeled, teacher = self.cfg, self.uris["labeled"], self.uris["teacher"]
         seed = c.seed + 1
-        for cond in pasm_cfg.compare:
-            if cond == "random_erasing" and pasm_cfg.random_erasing_style == "online":
-                tcfg = steps.baseline_config(self.teacher_cfg, seed, random_erasing=pasm_cfg.random_erasing_p)
-                st = stage(self.run, "student-random-erasing", tcfg, {"train": labeled}, steps.train(tcfg, [labeled]))
-                self.evaluate("random-erasing", st.uri)
-                continue
-            if cond == "random_erasing":
-                erased = self._random_square(pasm_cfg, "erase-random", seed)
-            elif cond == "adversarial_erasing":
-                cam_cfg = steps.cam_config(self.teacher_cfg.train_splits)
-                cam = stage(self.run, "cam", cam_cfg, {"teacher": teacher, "images": labeled},
-                            steps.cam(cam_cfg, teacher, labeled))
-                ecfg = steps.erase_config(pasm_cfg, random_position=False, seed=seed)
-                erased = stage(self.run, "erase-cam", ecfg, {"images": labeled, "positions": cam.uri},
-                               steps.erase(ecfg, labeled, cam.uri)).uri
-            else:  # no_teacher: round 1's learning material, already made unless the rounds erase at random
-                if pasm_cfg.no_teacher and not pasm_cfg.random_erasing:
-                    continue  # the rounds themselves are PASM w/o teacher: round 1 is this row
-                erased = self._attack_and_erase(pasm_cfg, attack_cfg, teacher, 1)
-            scfg = steps.baseline_config(self.teacher_cfg, seed)
-            name = cond.replace("_", "-")
-            data = [erased] + ([labeled] if pasm_cfg.student_data == "both" else [])
-            st = stage(self.run, f"student-{name}", scfg, {f"t{i}": u for i, u in enumerate(data)},
-                       steps.train(scfg, data))
-            self.evaluate("pasm-no-teacher" if cond == "no_teacher" else name, st.uri)
+        if cond == "random_erasing" and pasm_cfg.random_erasing_style == "online":
+            tcfg = steps.baseline_config(self.teacher_cfg, seed, random_erasing=pasm_cfg.random_erasing_p)
+            st = stage(self.run, "student-random-erasing", tcfg, {"train": labeled}, steps.train(tcfg, [labeled]),
+                       compute=True)
+            self.evaluate("random-erasing", st.uri, "pasm")
+            return
+        if cond == "random_erasing":
+            erased = self._random_square(pasm_cfg, "erase-random", seed)
+        elif cond == "adversarial_erasing":
+            cam_cfg = steps.cam_config(self.teacher_cfg.train_splits)
+            cam = stage(self.run, "cam", cam_cfg, {"teacher": teacher, "images": labeled},
+                        steps.cam(cam_cfg, teacher, labeled), compute=True)
+            ecfg = steps.erase_config(pasm_cfg, random_position=False, seed=seed)
+            erased = stage(self.run, "erase-cam", ecfg, {"images": labeled, "positions": cam.uri},
+                           steps.erase(ecfg, labeled, cam.uri), compute=True).uri
+        else:  # no_teacher: round 1's learning material (the rounds' own stages, computed once)
+            if pasm_cfg.no_teacher and not pasm_cfg.random_erasing:
+                return  # the rounds themselves are PASM w/o teacher: round 1 is this row
+            erased = self._attack_and_erase(pasm_cfg, attack_cfg, teacher, 1)
+        scfg = steps.baseline_config(self.teacher_cfg, seed)
+        name = cond.replace("_", "-")
+        data = [erased] + ([labeled] if pasm_cfg.student_data == "both" else [])
+        st = stage(self.run, f"student-{name}", scfg, {f"t{i}": u for i, u in enumerate(data)},
+                   steps.train(scfg, data), compute=True)
+        self.evaluate("pasm-no-teacher" if cond == "no_teacher" else name, st.uri, "pasm")
 
     # ---- omni-supervised mining and distillation ----------------------------------------------
     def omni(self) -> None:
@@ -178,23 +233,119 @@ class Round:
         primitive = self.uris["teacher"]
         cent_cfg = steps.centroid_config({"splits": list(self.teacher_cfg.train_splits)})
         cent = stage(self.run, "centroids", cent_cfg, {"model": primitive, "labeled": self.uris["labeled"]},
-                     steps.centroids(cent_cfg, primitive, self.uris["labeled"]))
+                     steps.centroids(cent_cfg, primitive, self.uris["labeled"]), compute=True)
         mine_cfg = steps.run_mine_config(c)
-        aux = stage(self.run, "mine", mine_cfg, {"model": primitive, "centroids": cent.uri, "pool": self.uris["pool"]},
-                    steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray, self.test_sets()), ray=True)
+        aux = self.pool_stage("mine", mine_cfg, {"model": primitive, "centroids": cent.uri, "pool": self.uris["pool"]},
+                              steps.mine(mine_cfg, primitive, cent.uri, self.uris["pool"], c.ray, self.test_sets()))
         self.figures["mined"] = steps.first_png(aux.uri)
-        dist_cfg = steps.run_distill_config(c, self.retrain_cfg)
-        dis = stage(self.run, "distill", dist_cfg, {"aux": aux.uri}, steps.distill(dist_cfg, aux.uri))
-        self.uris["distill"] = dis.uri
-        self.figures["distilled"] = steps.first_png(dis.uri)
-        for name, extra in (("vas", aux.uri), ("das", dis.uri)):
-            rt = stage(self.run, f"retrain-{name}", self.retrain_cfg, {"labeled": self.uris["labeled"], "aux": extra},
-                       steps.train(self.retrain_cfg, [self.uris["labeled"], extra]))
-            self.evaluate(name, rt.uri)
+
+        def das() -> None:
+            dist_cfg = steps.run_distill_config(c, self.retrain_cfg)
+            dis = stage(self.run, "distill", dist_cfg, {"aux": aux.uri}, steps.distill(dist_cfg, aux.uri), compute=True)
+            self.uris["distill"] = dis.uri
+            self.figures["distilled"] = steps.first_png(dis.uri)
+            self._retrain("das", dis.uri)
+
+        # Retraining with the mined faces does not wait for their distillation.
+        self.parallel(lambda: self._retrain("vas", aux.uri), das)
+
+    def _retrain(self, name: str, extra: str) -> None:
+        rt = stage(self.run, f"retrain-{name}", self.retrain_cfg, {"labeled": self.uris["labeled"], "aux": extra},
+                   steps.train(self.retrain_cfg, [self.uris["labeled"], extra]), compute=True)
+        self.evaluate(name, rt.uri, "omni")
+
+    # ---- the other papers' methods, on the run's aligned labeled table --------------------------
+    def _method_base(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the section's flow options, the method config's overrides: the run's seed, the method's
+        synthetic recipe on synthetic data, then the section's ``config``)."""
+        from flows.methods import round_options, synthetic_recipe
+
+        options = round_options(self.cfg, name)
+        recipe = synthetic_recipe(name) if self.cfg.labeled.format == "synthetic" else {}
+        return options, {"seed": self.cfg.seed, **recipe, **(options.get("config") or {})}
+
+    def pt(self) -> None:
+        """Progressive Teacher on the labeled table with injected label noise; the pool's mined splits
+        are its unlabeled images."""
+        from flows.config import build_dataclass
+        from flows.pt import pretrain, pt_stages, records, synthetic_backbone
+        from tasks.pt.method import PTConfig
+
+        options, overrides = self._method_base("pt")
+        overrides.setdefault("pool_splits", steps.run_mine_config(self.cfg).splits)
+        cfg = build_dataclass(PTConfig, overrides, "pt.config")
+        if self.cfg.labeled.format == "synthetic" and options.get("synthetic_pretrain", True) and not cfg.pretrained:
+            # The paper starts from a pretrained backbone; here: one pretrained once on other synthetic faces.
+            key = {"arch": cfg.arch, "size": cfg.input_size, "seed": cfg.seed}
+            pre = stage(self.run, "pt.pretrain", key, {}, pretrain(cfg.input_size, cfg.arch, cfg.device, cfg.seed), compute=True)
+            cfg = build_dataclass(PTConfig, {**overrides, "pretrained": synthetic_backbone(
+                pre.uri, cfg.input_size, cfg.arch, device=cfg.device, seed=cfg.seed)}, "pt.config")
+        rates = options.get("noise_rates")
+        rows = pt_stages(self.run, cfg, self.uris["labeled"], self.uris["pool"], self.uris["labeled"],
+                         [self.cfg.test_split], [0.0, 0.1, 0.2, 0.3] if rates is None else rates,
+                         noise_kind=options.get("noise_kind", "symmetric"), noise_seed=options.get("noise_seed", 0),
+                         compare=options.get("compare", True), prefix="pt.")
+        self.sections["pt"] = records(rows)
+        _logger().info("pt: %s", ", ".join(f"{r['model']} {r['noise']:g}: {r['accuracy']:.3f}" for r in self.sections["pt"]))
+
+    def caf(self) -> None:
+        """The critic-free baseline vs CAF on the labeled table's valence/arousal labels."""
+        from flows.caf import caf_stages, results_records
+        from flows.config import build_dataclass
+        from tasks.caf.method import CAFConfig
+
+        options, overrides = self._method_base("caf")
+        cfg = build_dataclass(CAFConfig, overrides, "caf.config")
+        rows = caf_stages(self.run, cfg, self.uris["labeled"], self.uris["labeled"], [self.cfg.test_split],
+                          compare=options.get("compare", True), prefix="caf.")
+        self.sections["caf"] = results_records(rows)
+        self.figures.update({f"caf-{k}": v["scatter_png"] for k, v in rows.items()})
+        _logger().info("caf: %s", ", ".join(f"{k} CCC V {v['ccc_v']:.3f} A {v['ccc_a']:.3f}" for k, v in rows.items()))
+
+    def featloss(self) -> None:
+        """The feature-loss variants on the labeled table (its val split drives adaptive weighting)."""
+        from flows.config import build_dataclass
+        from flows.featloss import featloss_stages
+        from tasks.featloss.handcrafted import HandcraftedConfig
+        from tasks.featloss.method import DEFAULT_VARIANTS, FeatLossConfig, variant_config
+
+        options, overrides = self._method_base("featloss")
+        base = build_dataclass(FeatLossConfig, overrides, "featloss.config")
+        cfgs = {n: variant_config(n, base) for n in (options.get("variants") or DEFAULT_VARIANTS)}
+        hcfg = build_dataclass(HandcraftedConfig, {"size": base.input_size, "fit_splits": list(base.train_splits),
+                                                    **(options.get("features_config") or {})}, "featloss.features_config")
+        results, _ = featloss_stages(self.run, cfgs, hcfg, self.uris["labeled"], self.uris["labeled"],
+                                     [self.cfg.test_split], prefix="featloss.")
+        self.sections["featloss"] = results.records()
+        _logger().info("featloss: %s", ", ".join(f"{k} {results.summary(k)}" for k in results.rows))
+
+    def model_order(self) -> list[str]:
+        """The results table's rows in DAG order, whichever chain finished first."""
+        pasm = steps.pasm_config(self.cfg.pasm, self.teacher_cfg, steps.attack_config(self.cfg.attack, self.cfg.seed))
+        row = "random-erasing-r{}" if pasm.random_erasing else "pasm-r{}"
+        conditions = {"random_erasing": "random-erasing", "adversarial_erasing": "adversarial-erasing",
+                      "no_teacher": "pasm-no-teacher"}
+        return (["teacher", "model"] + [row.format(r) for r in range(1, pasm.rounds + 1)]
+                + [conditions[c] for c in pasm.compare] + ["vas", "das"])
 
     def finish(self) -> dict[str, Any]:
-        summary = publish_results(self.run, self.cfg, self.results, self.figures, self.uris)
-        return summary
+        self.results.reorder(self.model_order())
+        sections = {m: self.results.records(section=m) for m in ("pasm", "omni") if m in self.results.sections()}
+        sections.update({m: self.sections[m] for m in ("pt", "caf", "featloss") if m in self.sections})
+        return publish_results(self.run, self.cfg, self.results, self.figures, self.uris, sections=sections)
+
+    def methods(self) -> None:
+        """The config's methods at once: PASM and omni after their shared teacher, the others beside it."""
+        chosen = self.cfg.round_methods()
+        self.data()
+        on_teacher = [m for m in chosen if m in ("pasm", "omni")]
+
+        def teacher_chain() -> None:
+            self.teacher()
+            self.parallel(*[getattr(self, m) for m in on_teacher])
+
+        self.parallel(*([teacher_chain] if on_teacher else []),
+                      *[getattr(self, m) for m in chosen if m not in on_teacher])
 
 
 def _load(config_path: str | None, overrides: list[str] | None, cfg: RunConfig | None) -> RunConfig:
@@ -203,22 +354,17 @@ def _load(config_path: str | None, overrides: list[str] | None, cfg: RunConfig |
 
 @flow(name="fermine-round", log_prints=True)
 def round_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
-    """The full round: ingest -> align -> teacher -> PASM -> mine -> distill -> retrain -> evaluate."""
+    """The config's methods (default: PASM and omni) over one ingest -> align -> teacher."""
     r = Round(_load(config_path, overrides, cfg))
-    r.data()
-    r.teacher()
-    r.pasm()
-    r.omni()
+    r.methods()
     return r.finish()
 
 
 @flow(name="fermine-pasm", log_prints=True)
 def pasm_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
-    """teacher -> (attack -> erase -> student) x N, with the random-erasing ablation."""
+    """teacher -> (attack -> erase -> student) x N, with Table VII's conditions."""
     r = Round(_load(config_path, overrides, cfg))
-    r.data()
-    r.teacher()
-    r.pasm()
+    r.methods()
     return r.finish()
 
 
@@ -226,9 +372,7 @@ def pasm_flow(config_path: str | None = None, overrides: list[str] | None = None
 def omni_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
     """primitive model -> centroids -> mine -> distill -> retrain with VAS and DAS -> evaluate."""
     r = Round(_load(config_path, overrides, cfg))
-    r.data()
-    r.teacher()
-    r.omni()
+    r.methods()
     return r.finish()
 
 

@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -72,10 +73,37 @@ class StageRecord:
     # They enter the identity, so a rerun stage's dependents recompute even when its output's
     # content came out the same (content digests alone would reuse them).
     reruns: dict[str, int] = field(default_factory=dict)
+    # Where the computation ran (workers.placement.Placement): host, Ray node id, device, pid, and its
+    # own start/end (a placed stage may wait for resources after ``started``).
+    placement: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         return self.finished - self.started
+
+
+_LOCKS: dict[str, threading.Lock] = {}  # one per stage output folder being computed in this process
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(out: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(out, threading.Lock())
+
+
+# Runs a stage body (fn, out) somewhere and returns where it ran (flows/placement.py: on Ray workers).
+Placer = Callable[[Callable[[str], Any], str], dict[str, Any]]
+
+
+def _here(fn: Callable[[str], Any], out: str) -> dict[str, Any]:
+    """Run a stage body in this process (orchestration-only stages, plain runs without a placer)."""
+    import os
+    import socket
+
+    started = time.time()
+    fn(out)
+    return {"host": socket.gethostname(), "node_id": None, "device": "driver", "pid": os.getpid(),
+            "started": started, "finished": time.time()}
 
 
 def read_record(uri: str) -> StageRecord | None:
@@ -92,8 +120,9 @@ def read_record(uri: str) -> StageRecord | None:
 class Run:
     """A run folder: one sub-folder per stage output plus an append-only ledger of stage events."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, placer: Placer | None = None):
         self.root = root.rstrip("/")
+        self.placer = placer  # where compute stages run (None: in this process)
         self.fs, self.path = _fs(self.root)
         self.fs.makedirs(self.path, exist_ok=True)
 
@@ -121,12 +150,15 @@ class Run:
         config: Any,
         inputs: Mapping[str, str],
         fn: Callable[[str], Any],
+        placer: Placer | None = None,
     ) -> StageRecord:
         """Run ``fn(out_uri)`` unless an output with the same identity is already finished.
 
         ``inputs`` maps input names to stage output URIs (their digests enter the identity). The
         code version is that of ``fn``'s own computation (``code_version(fn)``); a rerun count of
-        this stage or of any stage upstream (``--rerun``) enters it too.
+        this stage or of any stage upstream (``--rerun``) enters it too. ``placer`` runs ``fn``
+        elsewhere (a Ray worker with the stage's resources) and says where; without one it runs here.
+        Where it ran is not part of the identity: the same stage computed on another node is reused.
         """
         cfg = config_dict(config)
         digests: dict[str, str] = {}
@@ -144,6 +176,13 @@ class Run:
             code += "+reruns=" + json.dumps(sorted(lineage.items()))
         ident = identity(name, cfg, digests, code)
         out = join(self.root, f"{name}-{ident[:12]}")
+        # Two chains of a round may reach the same stage at once (PASM w/o teacher reuses round 1's
+        # attack): the second waits for the first and then reuses its record.
+        with _lock_for(out):
+            return self._run_or_reuse(name, ident, out, cfg, inputs, lineage, fn, placer)
+
+    def _run_or_reuse(self, name: str, ident: str, out: str, cfg: dict[str, Any], inputs: Mapping[str, str],
+                      lineage: dict[str, int], fn: Callable[[str], Any], placer: Placer | None) -> StageRecord:
         rec = read_record(out)
         if rec is not None and rec.identity == ident:
             log.info("stage %s: reusing %s", name, out)
@@ -153,7 +192,7 @@ class Run:
         started = time.time()
         self._log({"event": "started", "stage": name, "uri": out, "time": started})
         try:
-            fn(out)
+            placement = placer(fn, out) if placer is not None else _here(fn, out)
         except BaseException as e:
             self._log({"event": "failed", "stage": name, "uri": out, "time": time.time(), "error": repr(e)[:500]})
             progress.info("failed %s", name, extra={"event": "failed", "stage": name, "error": str(e)[:300]})
@@ -168,11 +207,13 @@ class Run:
             started=started,
             finished=time.time(),
             reruns=dict(sorted(lineage.items())),
+            placement=placement,
         )
         fs, path = _fs(out)
         fs.makedirs(path, exist_ok=True)
         _atomic_put(fs, f"{path}/{STAGE_RECORD}", json.dumps(dataclasses.asdict(rec), indent=2).encode())
-        self._log({"event": "finished", "stage": name, "uri": out, "time": rec.finished, "seconds": rec.seconds})
+        self._log({"event": "finished", "stage": name, "uri": out, "time": rec.finished, "seconds": rec.seconds,
+                   "started": started, "placement": placement})
         progress.info("finished %s", name, extra={"event": "finished", "stage": name, "seconds": rec.seconds})
         return rec
 
@@ -225,6 +266,7 @@ class Run:
             row["state"] = ev["event"]
             if ev["event"] == "finished":
                 row["seconds"] = ev.get("seconds")
+                row["placement"] = ev.get("placement") or {}
             if ev["event"] == "failed":
                 row["error"] = ev.get("error")
             elif ev["event"] in ("finished", "reused"):

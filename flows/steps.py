@@ -17,6 +17,7 @@ from flows.config import ConfigError, DataSource, RaySection, build_dataclass
 from storage.artifact import join
 
 StageFn = Callable[[str], Any]
+TABLE = "table"  # DataSource.format of a finished image table used as is (no ingest, no align stage)
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def attack_config(overrides: Mapping[str, Any], seed: int):
 
 def pasm_config(overrides: Mapping[str, Any], teacher_cfg: Any, attack_cfg: Any):
     """PASM's settings; its training and attack recipes are the run's teacher and attack sections."""
-    from tasks.pasm.rounds import PasmConfig
+    from tasks.pasm.student import PasmConfig
 
     for nested in ("train", "attack"):
         if nested in overrides:
@@ -55,7 +56,7 @@ def round_attack_config(attack_cfg: Any, r: int):
 
 
 def baseline_config(teacher_cfg: Any, seed: int, random_erasing: float = 0.0):
-    from tasks.pasm.rounds import baseline_train_config
+    from tasks.pasm.student import baseline_train_config
 
     return baseline_train_config(teacher_cfg, seed, random_erasing)
 
@@ -67,14 +68,14 @@ def cam_config(splits: Sequence[str]):
 
 
 def erase_config(pasm_cfg: Any, *, random_position: bool, seed: int):
-    from tasks.pasm.rounds import erase_config_for
+    from tasks.pasm.student import erase_config_for
 
     return erase_config_for(pasm_cfg, random_position=random_position, seed=seed,
                             image_size=pasm_cfg.train.input_size)
 
 
 def student_config(teacher_cfg: Any, pasm_cfg: Any, seed: int):
-    from tasks.pasm.rounds import student_train_config
+    from tasks.pasm.student import student_train_config
 
     return student_train_config(teacher_cfg, pasm_cfg, seed=seed)
 
@@ -115,6 +116,18 @@ def check_source(src: DataSource, where: str, check_paths: bool = True) -> None:
 
     from storage.readers import check_options, get_reader
 
+    if src.format == TABLE:
+        from storage.artifact import is_finished
+
+        if src.options or src.align:
+            raise ConfigError(f"{where}: a table source is used as it is: drop its options/align "
+                              "(align it with `fermine align` first if it needs it)")
+        if not src.root:
+            raise ConfigError(f"{where}.root: format table needs the image table's folder")
+        if check_paths and not is_finished(src.root):
+            raise ConfigError(f"{where}.root: no finished image table at {src.root}; check the path, or make it "
+                              "with `fermine ingest` / `fermine align`")
+        return
     try:
         get_reader(src.format)
         check_options(src.format, src.options)
@@ -140,14 +153,23 @@ def resolve_configs(cfg: Any, check_paths: bool = True) -> dict[str, Any]:
         check_source(src, where, check_paths)
         if src.align:
             align_config({**cfg.align, **src.align}, f"{where}.align")
+    if cfg.teacher_checkpoint and check_paths:
+        from tasks.engine.checkpoint import checkpoint_exists
+
+        if not checkpoint_exists(cfg.teacher_checkpoint):
+            raise ConfigError(f"teacher_checkpoint: no finished checkpoint at {cfg.teacher_checkpoint} "
+                              "(model.json + model.pt); train one with `fermine train`")
     teacher = train_config(cfg.teacher, cfg.seed, "teacher")
     retrain = train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain")
     attack = attack_config(cfg.attack, cfg.seed)
     if cfg.pipeline == "evaluate" and not cfg.model:
         raise ConfigError("pipeline 'evaluate' needs `model`: a checkpoint folder (--set model=PATH)")
-    from flows.methods import METHODS, method_options
+    from flows.methods import METHODS, method_options, round_options
 
-    methods = {name: method_options(cfg, name) for name in METHODS if cfg.pipeline == name or getattr(cfg, name)}
+    in_round = cfg.round_methods()  # `methods` outside pipeline round is refused here
+    methods = {name: round_options(cfg, name) if name in in_round and cfg.pipeline != name
+               else method_options(cfg, name)
+               for name in METHODS if cfg.pipeline == name or name in in_round or getattr(cfg, name)}
     return {**methods,
         "align": align_config(cfg.align),
         "teacher": teacher,
@@ -214,7 +236,7 @@ def shard_logger(name: str, total: int) -> Callable[[int, Any, int], None]:
     return cb
 
 
-def _ray(section: RaySection) -> None:
+def connect_ray(section: RaySection) -> None:
     from workers.cluster import RayConfig, connect
 
     connect(RayConfig(address=section.address, num_cpus=section.num_cpus, log_to_driver=section.log_to_driver))
@@ -259,7 +281,7 @@ def align(cfg: Any, in_uri: str, ray_section: RaySection) -> StageFn:
 
         from storage.artifact import Artifact
 
-        _ray(ray_section)
+        connect_ray(ray_section)
         align_artifact(in_uri, out, cfg, pool=_pool(ray_section, gpu=False),
                        on_shard=shard_logger("align", Artifact(in_uri).num_shards))
 
@@ -300,7 +322,7 @@ def attack(cfg: Any, teacher_uri: str, table_uri: str, ray_section: RaySection) 
 
         from storage.artifact import Artifact
 
-        _ray(ray_section)
+        connect_ray(ray_section)
         attack_artifact(teacher_uri, table_uri, out, cfg, pool=_pool(ray_section, gpu=True),
                         on_shard=shard_logger("attack", Artifact(table_uri).num_shards))
 
@@ -320,7 +342,7 @@ def erase(cfg: Any, table_uri: str, positions_uri: str | None) -> StageFn:
 
 def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, teacher_uri: str) -> StageFn:
     def fn(out: str) -> None:
-        from tasks.pasm.rounds import train_student
+        from tasks.pasm.student import train_student
 
         train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out,
                       progress=epoch_logger("student", train_cfg.epochs))
@@ -369,10 +391,10 @@ def mine(cfg: Any, model_uri: str, centroids_uri: str, pool_uri: str, ray_sectio
         from storage.artifact import Artifact
 
         check_disjoint(pool_uri, cfg.splits, dict(tests))
-        _ray(ray_section)
+        connect_ray(ray_section)
         mine_pool(model_uri, centroids_uri, pool_uri, out, cfg, workers=ray_section.workers,
                   cpus_per_worker=ray_section.cpus_per_worker,
-                  gpus_per_worker=ray_section.gpus_per_worker or None,
+                  gpus_per_worker=ray_section.gpus_per_worker,  # 0 = CPU actors, as the config says
                   on_shard=shard_logger("mine", Artifact(pool_uri).num_shards))
         draw_safely("mined samples", mined_grid, out, join(out, "mined-samples.png"))
 

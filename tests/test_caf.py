@@ -13,8 +13,8 @@ from skimage.filters import threshold_otsu
 from storage.artifact import MANIFEST
 from storage.images import encode
 from storage.ingest import write_image_table
-from tasks.caf.method import (CAFConfig, adaptive_k, compare_caf, confidence_delta, critic_loss, evaluate_va, margin_for,
-                       mutual_information, otsu_thresholds, train_caf, weak_strong_split)
+from tasks.caf.method import (CAFConfig, adaptive_k, confidence_delta, critic_loss, evaluate_va, margin_for,
+                              mutual_information, otsu_thresholds, train_caf, weak_strong_split)
 from tasks.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from tasks.engine import ResumeMismatch
 from tasks.caf.va_metrics import VA_METRICS
@@ -289,39 +289,86 @@ def test_iterations_cap_the_run_and_lr_decays_every_lr_step_iterations(va_table,
         "adam", "iteration", 10_000, 0.8, 0.0)
 
 
-def test_baseline_and_caf_both_run(va_table, tmp_path):
+# The va_table runs of `fermine caf TABLE OUT --compare`: 64 training rows, 16 a batch.
+TINY_CLI = ["--size", "32", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu"]
+
+
+def _states(run: str) -> dict[str, str]:
+    """`fermine status RUN`'s state per stage."""
+    from flows.stage import Run
+
+    return {r["stage"]: r["state"] for r in Run(run).status()}
+
+
+@pytest.mark.slow
+def test_cli_compare_runs_the_caf_pipeline_and_a_rerun_reuses_every_stage(va_table, tmp_path, capsys):
+    from flows.cli import main
+
     out = str(tmp_path / "cmp")
-    res = compare_caf(_tiny(epochs=2), va_table, out, va_table, ("test",))
-    rows = res["rows"]
+    argv = ["caf", va_table, out, "--compare", "--epochs", "2", *TINY_CLI]
+    main(argv)
+    printed = capsys.readouterr()
+    assert "RMSE V" in printed.out and "baseline" in printed.out and "caf" in printed.out
+    assert "done    train-caf" in printed.err  # the calm console: a line per stage
+    rows = json.load(open(f"{out}/results.json"))["rows"]
     assert set(rows) == {"baseline", "caf"}
     for r in rows.values():
-        assert r["n"] == 24 and all(math.isfinite(r[k]) for k in VA_METRICS)
-    base = json.load(open(f"{out}/baseline/metrics.json"))
-    caf = json.load(open(f"{out}/caf/metrics.json"))
+        assert r["n"] == 24 and all(math.isfinite(r[k]) for k in VA_METRICS) and os.path.exists(r["scatter_png"])
+    base = json.load(open(f"{rows['baseline']['checkpoint']}/metrics.json"))
+    caf = json.load(open(f"{rows['caf']['checkpoint']}/metrics.json"))
     assert base["method"] == "va_baseline" and "loss_c" not in base["history"][0]
     assert caf["method"] == "caf" and math.isfinite(caf["history"][0]["loss_c"])
     assert rows["baseline"]["rmse_v"] != rows["caf"]["rmse_v"]  # the critic changed the encoder's training
-    assert json.load(open(f"{out}/results.json"))["rows"]["caf"]["checkpoint"].endswith("caf")
+    states = _states(out)
+    assert {"train-baseline", "eval-baseline", "train-caf", "eval-caf"} <= set(states)
+    assert set(states.values()) == {"finished"}
+    main(argv)  # the same command again: every stage reused, same numbers
+    assert set(_states(out).values()) == {"reused"} and "done " not in capsys.readouterr().err
+    assert json.load(open(f"{out}/results.json"))["rows"]["caf"]["ccc_v"] == rows["caf"]["ccc_v"]
 
 
-def test_compare_over_seeds_gives_per_seed_metrics_and_paired_differences(va_table, tmp_path):
-    out = str(tmp_path / "seeds")
-    res = compare_caf(_tiny(epochs=1), va_table, out, va_table, ("test",), seeds=[0, 1])
-    assert res["seeds"] == [0, 1]
+@pytest.mark.slow
+def test_cli_compare_over_seeds_runs_the_pipeline_per_seed_and_gives_paired_differences(va_table, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "seeds"
+    argv = ["caf", va_table, str(out), "--compare", "--seeds", "0,1", "--epochs", "1", *TINY_CLI]
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "RMSE V" in printed and "CAF - baseline" in printed and " +- " in printed  # means, then the seeds table
+    res = json.load(open(out / "results.json"))
+    assert res["seeds"] == [0, 1] and res["runs"] == {"0": str(out / "seed-0"), "1": str(out / "seed-1")}
     for name in ("baseline", "caf"):
         rows = res["per_seed"][name]
-        assert [r["seed"] for r in rows] == [0, 1] and rows[1]["checkpoint"].endswith(f"seed-1/{name}")
+        assert [r["seed"] for r in rows] == [0, 1] and [r["run"] for r in rows] == [str(out / "seed-0"),
+                                                                                    str(out / "seed-1")]
         assert rows[0]["rmse_v"] != rows[1]["rmse_v"]  # the seed changes initialisation and batches
+        assert json.load(open(f"{rows[1]['checkpoint']}/model.json"))["config"]["seed"] == 1
+        for seed, r in enumerate(rows):  # the per-seed numbers are those of that seed's pipeline run
+            assert json.load(open(out / f"seed-{seed}" / "results.json"))["rows"][name]["ccc_v"] == r["ccc_v"]
         assert res["rows"][name]["ccc_v"] == pytest.approx(np.mean([r["ccc_v"] for r in rows]))
         assert res["rows"][name]["ccc_v_std"] == pytest.approx(np.std([r["ccc_v"] for r in rows], ddof=1))
-    d = [c["ccc_v"] - b["ccc_v"] for c, b in zip(res["per_seed"]["caf"], res["per_seed"]["baseline"])]
-    p = res["paired"]["ccc_v"]
-    assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(np.mean(d))
-    assert p["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(2))
-    assert json.load(open(f"{out}/results.json"))["paired"]["rmse_a"]["diffs"] == pytest.approx(
-        res["paired"]["rmse_a"]["diffs"])
-    with pytest.raises(ValueError, match="distinct"):
-        compare_caf(_tiny(epochs=1), va_table, out, va_table, seeds=[0, 0])
+    assert set(res["paired"]) == set(VA_METRICS)
+    for k in ("ccc_v", "pcc_a", "rmse_a", "sagr_v"):
+        d = [c[k] - b[k] for c, b in zip(res["per_seed"]["caf"], res["per_seed"]["baseline"])]
+        p = res["paired"][k]
+        assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(np.mean(d))
+        assert p["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(2))
+    for seed in (0, 1):
+        assert set(_states(str(out / f"seed-{seed}")).values()) == {"finished"}
+    main(argv)  # a rerun: every stage of every seed reused, the same summary
+    for seed in (0, 1):
+        assert set(_states(str(out / f"seed-{seed}")).values()) == {"reused"}
+    assert json.load(open(out / "results.json"))["paired"] == res["paired"]
+    capsys.readouterr()
+    cases = [(["--seeds", "0,0"], "distinct"), (["--seeds", "0,x"], "comma-separated integers"),
+             (["--test-splits", "val"], "has no split(s) ['val']; its splits: train, test")]  # before any stage
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["caf", va_table, str(out / "bad"), "--compare", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err, (extra, err)
+    assert not (out / "bad").exists()
 
 
 def test_table_without_valence_arousal_is_a_clear_error(tmp_path):
@@ -377,7 +424,7 @@ def test_cli_caf_defaults_to_the_synthetic_data_and_reuses_it(tmp_path, capsys):
     assert set(res["rows"]) == {"baseline", "caf"} and res["train_uri"] == str(data)
     for name, r in res["rows"].items():
         assert r["n"] == 21 and all(math.isfinite(r[k]) for k in VA_METRICS)  # 7 classes x 3 test faces
-        assert os.path.getsize(out / name / "scatter.png") > 5000
+        assert os.path.getsize(r["scatter_png"]) > 5000
     stamp = (data / MANIFEST).stat().st_mtime_ns
     main(["caf", "synthetic", str(out), "--compare", *tiny, *synth])  # the word: same table, reused
     assert (data / MANIFEST).stat().st_mtime_ns == stamp and len(list((out / "data").iterdir())) == 1
@@ -401,21 +448,24 @@ def test_cli_caf_defaults_to_the_synthetic_data_and_reuses_it(tmp_path, capsys):
 def test_cli_compare_on_the_synthetic_data_trains_with_the_benchmark_recipe(tmp_path, capsys):
     """`fermine caf OUT --compare` fills unset options from SYNTHETIC_RECIPE (the settings that train the
     critic-free baseline properly: the paper's 1e-4 for 80 updates left it at CCC 0.09 / 0.24), and gives the
-    same numbers as compare_caf_synthetic, the benchmarks' entry point, for the same seed."""
+    same numbers as the caf pipeline the benchmarks run (bench/fidelity.py: pipeline caf on 'synthetic')."""
     from flows.cli import main
-    from tasks.caf.method import SYNTHETIC_RECIPE, compare_caf_synthetic
+    from flows.config import RunConfig
+    from flows.round import FLOWS
+    from tasks.caf.method import SYNTHETIC_RECIPE
 
     synth = [a for k, v in TINY_SYNTHETIC.items() for a in ("--synthetic-option", f"{k}={v}")]
     main(["caf", str(tmp_path / "cli"), "--compare", "--epochs", "1", "--device", "cpu", *synth])
     capsys.readouterr()
     cli = json.load(open(tmp_path / "cli" / "results.json"))
-    assert {k: cli["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1}
-    assert cli["config"]["lr"] > 10 * CAFConfig().lr  # not the paper's 1e-4 (sized for 50k updates)
-    bench = compare_caf_synthetic(str(tmp_path / "bench"), seeds=[0], config={"epochs": 1, "device": "cpu"},
-                                  synthetic=TINY_SYNTHETIC)
-    assert bench["config"] == cli["config"]
+    config = read_meta(cli["rows"]["caf"]["checkpoint"])["config"]
+    assert {k: config[k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1}
+    assert config["lr"] > 10 * CAFConfig().lr  # not the paper's 1e-4 (sized for 50k updates)
+    bench = FLOWS["caf"](cfg=RunConfig.model_validate({
+        "out": str(tmp_path / "bench"), "pipeline": "caf",
+        "caf": {"config": {"epochs": 1, "device": "cpu", "seed": 0}, "synthetic_options": TINY_SYNTHETIC}}))
     for name in ("baseline", "caf"):
-        (row,) = bench["per_seed"][name]
+        row = bench["rows"][name]
         assert {k: row[k] for k in VA_METRICS} == pytest.approx({k: cli["rows"][name][k] for k in VA_METRICS})
     # a table of your own keeps the paper's settings
     assert CAFConfig().lr == 1e-4 and CAFConfig().lr_step == 10_000

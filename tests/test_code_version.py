@@ -65,7 +65,7 @@ def test_editing_the_attack_changes_the_attack_and_its_dependents_not_upstream(b
     edit = _edited("tasks.pasm.attack")
     changed = {name for name, fn in bodies.items() if code_version(fn, read=edit) != code_version(fn)}
     assert "attack" in changed
-    assert "student" in changed  # tasks.pasm.rounds (the student's training) imports tasks.pasm.attack
+    assert "student" in changed  # tasks.pasm.student (the student's training) imports tasks.pasm.attack
     for upstream in ("ingest", "align", "teacher", "evaluate"):
         assert upstream not in changed, upstream
     edit = _edited("workers.attack")  # the Ray side of the attack: the attack stage only
@@ -85,7 +85,7 @@ def test_reached_modules_follow_lazy_imports_submodules_and_dynamic_loading(bodi
         "tasks", "tasks.metrics", "tasks.data"}
     # The stage body's own source and the flow helpers it calls count too.
     names = [k for k, _ in stage_code(bodies["attack"]).sources]
-    assert "flows.steps.attack.<locals>.fn" in names and "flows.steps._ray" in names
+    assert "flows.steps.attack.<locals>.fn" in names and "flows.steps.connect_ray" in names
 
 
 def test_a_body_without_source_falls_back_to_the_whole_tree():
@@ -129,7 +129,7 @@ def _toy_round(run, calls):
         _write(out, "erased")
 
     def student(out):
-        from tasks.pasm.rounds import train_student  # noqa: F401
+        from tasks.pasm.student import train_student  # noqa: F401
 
         calls.append("student")
         _write(out, "student")

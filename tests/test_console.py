@@ -19,6 +19,11 @@ def test_noise_goes_to_the_run_log_and_stage_lines_to_the_terminal(tmp_path):
             progress = logging.getLogger("fermine.progress")
             progress.info("finished teacher", extra={"event": "finished", "stage": "teacher", "seconds": 25.0})
             progress.info("reused align", extra={"event": "reused", "stage": "align"})
+            # Bookkeeping stages and a second chain's reuse of a stage computed in this run: no line.
+            for event, stage in (("finished", "evaluate-teacher"), ("finished", "pt.eval-pt-30"),
+                                 ("reused", "teacher")):
+                progress.info(stage, extra={"event": event, "stage": stage, "seconds": 1.0})
+            progress.info("failed", extra={"event": "failed", "stage": "evaluate-das", "error": "no rows"})
             logging.getLogger("fermine.steps").warning("no face in 3 images: skipped")
             # the terminal's handlers pass warnings and errors, not INFO
             assert all(h.level == logging.WARNING for h in _prefect_console_handlers())
@@ -31,4 +36,4 @@ def test_noise_goes_to_the_run_log_and_stage_lines_to_the_terminal(tmp_path):
     assert "Token authentication" in log and "epoch 1/15" in log and "no face in 3 images" in log
     assert "Token authentication" not in ray_handler.stream.getvalue()  # muted on the console
     lines = term.getvalue().splitlines()
-    assert lines == [f"  done    {'teacher':<32}     25 s", "  reused  align"]
+    assert lines == [f"  done    {'teacher':<32}     25 s", "  reused  align", "  FAILED  evaluate-das: no rows"]

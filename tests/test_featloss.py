@@ -19,7 +19,6 @@ from tasks.featloss.method import (
     amplify_weights,
     center_loss,
     class_balance_weights,
-    compare_featloss,
     crop_views,
     decayed_weight,
     evaluate_featloss,
@@ -278,42 +277,56 @@ def test_training_uses_the_per_step_rates(data, tmp_path):
     assert [h["lr"] for h in res.epoch_records] == pytest.approx(want)
 
 
-def test_compare_gives_per_seed_accuracies_and_paired_differences(data, tmp_path):
+def _states(run: str) -> dict[str, str]:
+    """`fermine status RUN`'s state per stage."""
+    from flows.stage import Run
+
+    return {r["stage"]: r["state"] for r in Run(run).status()}
+
+
+@pytest.mark.slow
+def test_cli_compare_runs_the_featloss_pipeline_and_a_rerun_reuses_every_stage(data, tmp_path, capsys):
+    from flows.cli import main
+
     table, _ = data
     out = str(tmp_path / "cmp")
-    fcfg = {"gabor_grid": 2, "gsf_grid": 2, "sift_grid": 2, "size": 32}
-    cfg = {"input_size": 28, "load_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu", "fc1_dim": 16}
-    res = compare_featloss(out, table, variants=["none", "fixed"], seeds=[0, 1], config=cfg, features_config=fcfg)
-    assert res["seeds"] == [0, 1] and res["variants"] == ["none", "fixed"]
-    for name in ("none", "fixed"):
-        rows = res["per_seed"][name]
-        assert [r["seed"] for r in rows] == [0, 1] and rows[1]["checkpoint"].endswith(f"seed-1/{name}")
-        assert all(0 <= r["accuracy"] <= 1 for r in rows)
-        assert res["summary"][name]["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in rows]))
-    d = [f["accuracy"] - n["accuracy"] for f, n in zip(res["per_seed"]["fixed"], res["per_seed"]["none"])]
-    p = res["paired"]["fixed-none"]
-    assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(np.mean(d))
-    assert json.load(open(f"{out}/results.json"))["paired"]["fixed-none"]["diffs"] == pytest.approx(d)
-    assert res["per_seed"]["fixed"][0]["lambdas"] == [1.0, 1.0] and res["per_seed"]["none"][0]["lambdas"] is None
-    # a rerun reuses the finished runs (and the features)
-    again = compare_featloss(out, table, variants=["none", "fixed"], seeds=[0, 1], config=cfg, features_config=fcfg)
-    assert again["per_seed"]["fixed"][1]["accuracy"] == res["per_seed"]["fixed"][1]["accuracy"]
-    with pytest.raises(ValueError, match="unknown variant"):
-        compare_featloss(out, table, variants=["none", "hog"], config=cfg)
+    argv = ["featloss", "compare", out, "--table", table, "--variants", "none,fixed", "--size", "28", "--load-size",
+            "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--no-report"]
+    main(argv)
+    printed = capsys.readouterr()
+    assert "Acc. vote" in printed.out and "none" in printed.out and "fixed" in printed.out
+    assert "done    train-fixed" in printed.err  # the calm console of `fermine run`: a line per stage
+    res = json.load(open(f"{out}/results.json"))
+    assert [r["model"] for r in res["results"]] == ["none", "fixed"]
+    m = res["metrics"]
+    assert all(0 <= m[v]["test (5-crop + mirror vote)"]["accuracy"] <= 1 for v in ("none", "fixed"))
+    assert m["fixed"]["lambdas"] == [1.0, 1.0] and m["none"]["lambdas"] is None
+    states = _states(out)
+    assert {"features", "train-none", "eval-none", "train-fixed", "eval-fixed"} <= set(states)
+    assert set(states.values()) == {"finished"}
+    main(argv)  # the same command again: every stage (the features included) reused, the same numbers
+    assert set(_states(out).values()) == {"reused"}
+    assert json.load(open(f"{out}/results.json"))["metrics"] == m
 
 
-def test_compare_on_the_synthetic_data_trains_with_the_recipe(tmp_path):
-    """Without a table the comparison generates its data set and trains every variant with SYNTHETIC_RECIPE
+def test_cli_compare_on_the_synthetic_data_trains_with_the_recipe(tmp_path, capsys):
+    """Without --table the comparison generates its data set and trains every variant with SYNTHETIC_RECIPE
     (warm-up + lr 0.05: the plain baseline then reaches the supervised trainer's accuracy instead of 40%)."""
-    tiny = {"train_per_class": 6, "val_per_class": 2, "test_per_class": 2, "n_identities": 8}
-    res = compare_featloss(str(tmp_path / "syn"), variants=["none"], seeds=[0],
-                           config={"epochs": 1, "warmup": 0.5, "device": "cpu"}, synthetic=tiny)
-    assert {k: res["config"][k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1, "warmup": 0.5}
+    from flows.cli import main
     from storage.artifact import Artifact
+    from tasks.engine.checkpoint import read_meta
 
-    man = Artifact(res["table_uri"]).manifest
+    tiny = {"train_per_class": 6, "val_per_class": 2, "test_per_class": 2, "n_identities": 8}
+    out = tmp_path / "syn"
+    main(["featloss", "compare", str(out), "--variants", "none", "--epochs", "1", "--warmup", "0.5", "--device",
+          "cpu", "--no-report", *[a for k, v in tiny.items() for a in ("--synthetic-option", f"{k}={v}")]])
+    capsys.readouterr()
+    res = json.load(open(out / "results.json"))
+    config = read_meta(res["metrics"]["none"]["checkpoint"])["config"]
+    assert {k: config[k] for k in SYNTHETIC_RECIPE} == {**SYNTHETIC_RECIPE, "epochs": 1, "warmup": 0.5}
+    man = Artifact(res["artifacts"]["table"]).manifest
     assert man.config["size"] == SYNTHETIC_RECIPE["load_size"] and man.rows == 7 * 10  # five crops cut, no resize
-    assert res["per_seed"]["none"][0]["accuracy"] >= 0
+    assert 0 <= res["metrics"]["none"]["test (5-crop + mirror vote)"]["accuracy"] <= 1
 
 
 def test_features_of_another_table_are_refused(data, tmp_path):

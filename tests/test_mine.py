@@ -359,40 +359,39 @@ def test_cli_mine_prints_counts_and_kept_fraction(tmp_path, rng, ray_local, caps
 
 
 @pytest.mark.slow
-def test_omni_pipeline_end_to_end_and_resume(tmp_path, ray_local):
-    """Centroids -> mine -> distil -> retrain (labeled + VAS, labeled + DAS) -> one results table."""
-    import time
+def test_omni_cli_runs_the_omni_pipeline_end_to_end_and_reuses_it(tmp_path, capsys):
+    """`fermine omni LABELED POOL OUT`: centroids -> mine -> distil -> retrain (labeled + VAS, labeled + DAS),
+    one results table over the inner and the named cross test set, every stage reused on a rerun."""
+    import json
 
+    from flows.cli import main
+    from flows.stage import Run
     from storage.ingest import write_image_table
     from storage.synthetic import SyntheticConfig, generate
-    from tasks.omni.distill import DistillConfig
-    from flows.omni import OmniConfig, load_results, run_omni
-    from tasks.train import TrainConfig
 
     a = SyntheticConfig(size=32, train_per_class=20, test_per_class=6, pool_size=84, n_identities=8)
     b = SyntheticConfig(size=32, train_per_class=0, test_per_class=6, pool_size=0, style="b", n_identities=8)
     lab, cross = str(tmp_path / "lab"), str(tmp_path / "b")
     write_image_table(generate(a), lab, stage="synthetic", config={})
     write_image_table(generate(b), cross, stage="synthetic", config={})
-    cfg = OmniConfig(
-        train=TrainConfig(epochs=1, input_size=32), mine=MineConfig(margin=0.02, center=True, splits=("pool",)),
-        distill=DistillConfig(outer_steps=3, arch="convnet_s", n_inits=1, real_batch=32, holdout=0), workers=1,
-    )
     out = str(tmp_path / "omni")
-    res = run_omni(cfg, lab, lab, out, cross={"synthetic-b": cross})
-    assert [r["method"] for r in res.rows] == ["baseline", "VAS", "DAS"] and res.tests == ["inner", "synthetic-b"]
-    for r in res.rows:
-        assert r["inner"]["n"] == 42 and r["synthetic-b"]["n"] == 42
-        assert 0 <= r["inner"]["accuracy"] <= 1
-    assert res.mined["examined"] == 84 and res.mined["kept"] == len(Artifact(out + "/vas"))
-    assert len(Artifact(out + "/das")) == 7 and len(res.distilled["step_sizes"]) == cfg.distill.inner_steps
+    args = ["omni", lab, lab, out, "--cross", f"synthetic-b={cross}", "--epochs", "1", "--size", "32",
+            "--margin", "0.02", "--center", "--pool-split", "pool", "--distill-steps", "3",
+            "--distill-arch", "convnet_s", "--workers", "1", "--device", "cpu"]
+    main(args)
+    assert "vas" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "omni" / "results.json").read_text())
+    assert [r["model"] for r in summary["results"]] == ["teacher", "vas", "das"]
+    for name in ("teacher", "vas", "das"):
+        assert summary["metrics"][name]["inner"]["n"] == 42 and summary["metrics"][name]["synthetic-b"]["n"] == 42
+    stages = {r["stage"]: r["uri"] for r in Run(out).status()}
+    vas = Artifact(stages["mine"])
+    assert vas.manifest.extra["examined"] == 84 and len(vas) == vas.manifest.extra["kept"]
+    assert len(Artifact(stages["distill"])) == 7
     md = (tmp_path / "omni" / "results.md").read_text()
-    assert md.count("\n") == 5 and "| DAS |" in md
-    assert load_results(out)["mined"]["kept"] == res.mined["kept"]
-    assert (tmp_path / "omni" / "mined.png").exists() and (tmp_path / "omni" / "das" / "distilled.png").exists()
-    t0 = time.perf_counter()
-    again = run_omni(cfg, lab, lab, out, cross={"synthetic-b": cross})  # everything finished: reused
-    assert time.perf_counter() - t0 < 30 and again.rows[1]["inner"] == res.rows[1]["inner"]
+    assert "| das |" in md
+    main(args)  # everything finished: reused
+    assert {r["state"] for r in Run(out).status()} == {"reused"}
 
 
 # ---------------------------------------------------------------- the pool never holds test rows

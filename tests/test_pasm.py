@@ -117,62 +117,42 @@ def _synthetic_table(path, size=32):
 
 
 @pytest.mark.slow
-def test_pasm_cli_end_to_end_and_resume(tmp_path, capsys):
-    """One round at 32 px (small_cnn, 1 epoch), attack in-process: every artifact of the round is there,
-    the summary table is printed, a rerun reuses everything and other settings are refused."""
+def test_pasm_cli_runs_the_pasm_pipeline_and_a_rerun_recomputes_only_what_changed(tmp_path, capsys):
+    """`fermine pasm TABLE OUT` is the pasm pipeline: its stages in the ledger, the results table printed,
+    a rerun reuses everything, and another beta retrains only the student (the attack is reused)."""
     from flows.cli import main
+    from flows.stage import Run
 
     table = _synthetic_table(tmp_path / "t")
     out = tmp_path / "pasm"
     args = ["pasm", table, str(out), "--rounds", "1", "--size", "32", "--epochs", "1", "--batch-size", "16",
-            "--popsize", "8", "--generations", "2", "--chunk-size", "16", "--mask-size", "8", "--local",
-            "--json", str(tmp_path / "summary.json")]
+            "--popsize", "8", "--generations", "2", "--chunk-size", "16", "--mask-size", "8", "--workers", "1",
+            "--device", "cpu", "--json", str(tmp_path / "summary.json")]
     main(args)
     printed = capsys.readouterr().out
-    assert "test accuracy per round" in printed and "(teacher)" in printed
-    r1 = out / "round-1"
-    for p in ("teacher/model.pt", "teacher/model.json", "round-1/student/model.pt",
-              "round-1/positions/_manifest.json", "round-1/erased/_manifest.json", "round-1/round.json",
-              "erased_samples.png", "summary.json", "pasm.json"):
-        assert (out / p).exists(), p
+    assert "pasm-r1" in printed and "teacher" in printed and "report:" in printed
+    states = {r["stage"]: r for r in Run(str(out)).status()}
+    assert {"teacher", "attack-r1", "erase-r1", "student-r1", "evaluate-teacher", "evaluate-pasm-r1",
+            "figure-pasm"} <= set(states)
+    assert "ingest" not in states  # a finished table is used as it is
     s = json.loads((tmp_path / "summary.json").read_text())
     from tasks.evaluate import evaluate
 
-    assert len(s["rounds"]) == 1  # the table reports the student's real test accuracy
-    assert s["rounds"][0]["accuracy"] == pytest.approx(evaluate(str(r1 / "student"), table, device="cpu").accuracy)
-    assert s["rounds"][0]["attack"]["rows"] == 21
-    assert len(Artifact(str(r1 / "erased"))) == 21
-    sm = json.loads((r1 / "student" / "metrics.json").read_text())
-    assert sm["teacher"] is True and sm["init_from"].endswith("teacher")  # Eq. 4 with the teacher, refined from it
-    assert sm["config"]["beta"] == 0.1 and sm["train_uris"] == [str(r1 / "erased")]  # erased images only
-    mtime = os.path.getmtime(r1 / "student" / "model.pt")
-    main(args)  # resume: nothing is recomputed
-    assert os.path.getmtime(r1 / "student" / "model.pt") == mtime
+    student = states["student-r1"]["uri"]
+    r1 = next(r for r in s["results"] if r["model"] == "pasm-r1")
+    assert r1["inner accuracy"] == pytest.approx(evaluate(student, table, device="cpu").accuracy, abs=1e-4)
+    assert len(Artifact(states["erase-r1"]["uri"])) == 21
+    sm = json.loads(open(os.path.join(student, "metrics.json")).read())
+    assert sm["teacher"] is True and sm["init_from"] == states["teacher"]["uri"]  # Eq. 4, refined from the teacher
+    assert sm["config"]["beta"] == 0.1 and sm["train_uris"] == [states["erase-r1"]["uri"]]  # erased images only
+    main(args)  # a rerun: every stage reused
+    assert {r["state"] for r in Run(str(out)).status()} == {"reused"}
+    main(args[:-2] + ["--beta", "0.5"])
+    states = {r["stage"]: r["state"] for r in Run(str(out)).status()}
+    assert states["attack-r1"] == "reused" and states["student-r1"] == "finished"
     with pytest.raises(SystemExit) as e:
-        main(args[:-2] + ["--beta", "0.5"])
-    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_pasm_rounds_ablations_and_figure(tmp_path):
-    """Two rounds of the no-teacher random-erasing ablation: the student of round 1 is round 2's teacher."""
-    from tasks.pasm.attack import AttackConfig
-    from tasks.pasm.rounds import PasmConfig, run_pasm
-    from tasks.train import TrainConfig
-
-    table = _synthetic_table(tmp_path / "t")
-    events = []
-    cfg = PasmConfig(rounds=2, train=TrainConfig(input_size=32, epochs=1, batch_size=16),
-                     attack=AttackConfig(popsize=8, generations=1, chunk_size=16), random_erasing=True,
-                     no_teacher=True, student_data="both")
-    res = run_pasm(cfg, table, str(tmp_path / "o"), progress=events.append)
-    assert [r.round for r in res.rounds] == [1, 2]
-    assert res.rounds[1].teacher_uri == res.rounds[0].student_uri
-    assert res.rounds[0].positions_uri is None and "attack" not in {e["event"] for e in events}
-    sm = json.loads(open(os.path.join(res.rounds[1].student_uri, "metrics.json")).read())
-    assert sm["teacher"] is False and sm["init_from"] is None and sm["config"]["beta"] == 0.0
-    assert len(sm["train_uris"]) == 2  # erased + originals
-    assert os.path.getsize(res.figure) > 5000
+        main(["pasm", str(tmp_path / "nosuch"), str(out)])
+    assert e.value.code == 2 and "no finished image table" in capsys.readouterr().err
 
 
 def test_pasm_figure_rows(tmp_path):
@@ -199,7 +179,7 @@ def test_pasm_figure_rows(tmp_path):
 
 
 def test_pasm_config_is_validated():
-    from tasks.pasm.rounds import PasmConfig
+    from tasks.pasm.student import PasmConfig
 
     with pytest.raises(ValueError, match="rounds"):
         PasmConfig(rounds=0).validate()

@@ -5,6 +5,7 @@ more often than clean ones)."""
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import numpy as np
@@ -464,18 +465,25 @@ def test_bad_inputs_are_clear_errors(noisy_colors, tmp_path):
 
 def test_cli_compare_prints_a_table_4_like_comparison(noisy_colors, tmp_path, capsys):
     from flows.cli import main
+    from flows.stage import Run
 
     clean, _ = noisy_colors
     out = str(tmp_path / "cli")
-    main(["pt", clean, clean, clean, out, "--compare", "--noise", "0.3", "--epochs", "1", "--size", "16",
-          "--batch-size", "32", "-T", "10", "--pool-split", "pool", "--no-report"])
+    args = ["pt", clean, clean, clean, out, "--compare", "--noise", "0.3", "--epochs", "1", "--size", "16",
+            "--batch-size", "32", "-T", "10", "--pool-split", "pool", "--device", "cpu"]
+    main(args)
     text = capsys.readouterr().out
-    for name in ("Fine-tune (baseline)", "Mean Teacher", "PT (ours)", "Accuracy"):
+    for name in ("Fine-tune (baseline)", "Mean Teacher", "PT", "acc"):
         assert name in text
-    res = json.loads(open(f"{out}/results.json").read())["results"]
-    assert [r["method"] for r in res] == ["Fine-tune (baseline)", "Mean Teacher", "PT (ours)"]
+    res = json.loads(open(f"{out}/results.json").read())["rows"]
+    assert [r["method"] for r in res] == ["Fine-tune (baseline)", "Mean Teacher", "PT"]
     assert all(r["noise"] == 0.3 and 0 <= r["accuracy"] <= 1 for r in res)
     assert res[2]["forget_rate"] == pytest.approx(0.4)
+    # The command runs the pt pipeline: its stages are in the run's ledger, and a rerun reuses them all.
+    assert {"noise-symmetric-30", "finetune-30", "mean-teacher-30", "pt-30", "pt-report-30", "eval-pt-30"} <= {
+        r["stage"] for r in Run(out).status()}
+    main(args)
+    assert {r["state"] for r in Run(out).status()} == {"reused"}
 
 
 def test_cli_reports_user_mistakes_without_a_traceback(tmp_path, capsys):
@@ -572,12 +580,11 @@ def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretrain
     opts = [x for kv in ("train_per_class=4", "test_per_class=2", "pool_size=24", "n_identities=3")
             for x in ("--synthetic-option", kv)]
     main(["pt", "synthetic", "synthetic", "synthetic", out, "--noise", "0.25", "--epochs", "1", "--size", "32",
-          "--batch-size", "8", *opts])
-    res = json.loads(open(f"{out}/results.json").read())["results"]
+          "--batch-size", "8", "--device", "cpu", *opts])
+    res = json.loads(open(f"{out}/results.json").read())["rows"]
     assert len(res) == 1 and res[0]["method"] == "PT" and res[0]["noise"] == 0.25
-    assert res[0]["report"]["png"] is None or res[0]["report"]["png"].endswith("filtered.png")
-    err = capsys.readouterr().err
-    assert "filtered out by the teachers" in err and "pretrained backbone:" in err
+    assert os.path.exists(os.path.join(res[0]["report"], "filtered_per_class.csv"))  # the report stage
+    assert "PT" in capsys.readouterr().out
     # Every method starts from the synthetic pretraining by default; --split-bn reaches the config.
     meta = load_checkpoint(res[0]["checkpoint"])[1]
     assert meta["config"]["pretrained"].endswith("backbone.pt") and meta["config"]["split_bn"] is False
@@ -587,6 +594,6 @@ def test_cli_runs_on_the_embedded_synthetic_data(tmp_path, capsys, tiny_pretrain
     assert res[0]["forget_rate"] == pytest.approx(0.25)
     out2 = str(tmp_path / "syn2")
     main(["pt", "synthetic", "synthetic", "synthetic", out2, "--noise", "0.25", "--epochs", "1", "--size", "32",
-          "--batch-size", "8", "--no-synthetic-pretrain", "--split-bn", "--no-report", *opts])
-    meta = load_checkpoint(json.loads(open(f"{out2}/results.json").read())["results"][0]["checkpoint"])[1]
+          "--batch-size", "8", "--device", "cpu", "--no-synthetic-pretrain", "--split-bn", *opts])
+    meta = load_checkpoint(json.loads(open(f"{out2}/results.json").read())["rows"][0]["checkpoint"])[1]
     assert meta["config"]["pretrained"] is None and meta["config"]["split_bn"] is True

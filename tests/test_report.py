@@ -94,7 +94,7 @@ def test_figures_are_grouped_and_embedded(report, run_dir):
     page = report.read_text()
     sec = _sections(page)
     counts = {k: v.count("<img ") for k, v in sec.items()}
-    assert counts == {"results": 0, "per-class": 0, "stages": 0, "curves": 1, "confusion": 2, "attack": 1,
+    assert counts == {"results": 0, "per-class": 0, "stages": 0, "timeline": 0, "curves": 1, "confusion": 2, "attack": 1,
                       "mined": 1, "distilled": 1, "config": 0}
     assert "other" not in sec  # every figure the stages write has its own section
     assert "val_confusion.png" in sec["confusion"] and "confusion-inner.png" in sec["confusion"]
@@ -118,6 +118,8 @@ def test_stages_results_and_config(report):
     assert stages.count("<td>finished</td>") == 5
     assert re.search(r"<td>\d+ KB</td>", stages)  # artifact sizes (the PNGs)
     assert "6 stages" in stages
+    # The timeline: one bar per computed stage (the failed one has none), in the flow process's band.
+    assert sec["timeline"].count("<rect") == 5 and "flow process" in sec["timeline"]
     acc = float(np.trace(CONF) / CONF.sum())
     assert f"{acc:.4f}" in sec["results"] and "inner accuracy" in sec["results"]
     happy = CONF[4, 4] / CONF[4].sum()  # of the faces that are happy, the share predicted happy

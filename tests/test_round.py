@@ -50,7 +50,7 @@ def _env(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """`ray start --head` plus one worker node, both on 127.0.0.1, as separate processes."""
+    """`ray start --head` (no GPU) plus one worker node declaring a GPU, both on 127.0.0.1, as separate processes."""
     import ray
 
     ray.shutdown()  # the in-process test instance, if any: the CLI runs below connect to this cluster
@@ -64,8 +64,9 @@ def ray_cluster(tmp_path_factory):
                        env=env, check=True, capture_output=True)
         # A worker node refuses to start with Ray's loopback switch set; the wrapper alone keeps it on 127.0.0.1.
         worker_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        subprocess.run([*ray_start, f"--address=127.0.0.1:{port}", *common], env=worker_env, check=True,
-                       capture_output=True)
+        # The worker node declares one logical GPU (CPU torch): GPU stages must be placed there.
+        subprocess.run([*ray_start, f"--address=127.0.0.1:{port}", "--num-gpus=1", *common], env=worker_env,
+                       check=True, capture_output=True)
         yield f"127.0.0.1:{port}"
     finally:
         _stop_cluster(port)
@@ -157,3 +158,54 @@ def test_full_round_on_multinode_cluster_then_kill_and_resume(tmp_path, ray_clus
     assert again.returncode == 0
     new = _ledger(out)[len(events):]
     assert new and all(e["event"] == "reused" for e in new)
+
+
+COMPUTE = ("teacher", "student-", "retrain-", "distill", "centroids", "evaluate-", "cam", "erase-")
+
+
+def _gpu_node(address: str, env: dict) -> str:
+    """The id of the cluster's node with a GPU, asked by a separate driver (this process stays off Ray)."""
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('GPU')))")
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_gpu_stages_run_on_the_gpu_node_concurrently_and_match_a_local_sequential_run(tmp_path, ray_cluster):
+    """The flow process only orchestrates: with gpus_per_worker 1, every training/distillation/evaluation
+    stage runs on the worker node that has the (logical) GPU, independent stages overlap in time, and the
+    numbers are those of the same round run locally, one stage at a time."""
+    env = _env(tmp_path)
+    tiny = {**TINY, "teacher": {**TINY["teacher"], "epochs": 2}, "report": False}
+    runs = {}
+    for name, ray_section in (("cluster", {"address": ray_cluster, "workers": 1, "gpus_per_worker": 1}),
+                              ("local", {"workers": 1, "max_parallel": 1})):
+        out = tmp_path / name
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump({**tiny, "out": str(out), "ray": ray_section}))
+        done = subprocess.run([str(BIN / "fermine"), "run", str(p)], env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = out
+    gpu_node = _gpu_node(ray_cluster, env)
+    finished = [e for e in _ledger(runs["cluster"]) if e["event"] == "finished"]
+    compute = [e for e in finished if e["stage"].startswith(COMPUTE)]
+    assert len(compute) >= 10
+    for e in compute:  # on the GPU node, in a Ray worker, never in the flow's process
+        assert e["placement"]["node_id"] == gpu_node and e["placement"]["device"] != "driver", e["stage"]
+    for e in finished:
+        if not e["stage"].startswith(COMPUTE):
+            assert e["placement"]["device"] == "driver", e["stage"]  # orchestration (actor stages, ingest)
+    spans = sorted((e["started"], e["time"], e["stage"]) for e in finished)
+    overlaps = [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1] - 0.05]
+    assert overlaps, "no two stages ran at the same time"
+    def numbers(out: Path) -> dict:  # every figure of every model and test set (paths aside)
+        metrics = json.loads((out / "results.json").read_text())["metrics"]
+        return {model: {ts: {k: v for k, v in m.items() if not k.endswith("_uri")} for ts, m in sets.items()}
+                for model, sets in metrics.items()}
+
+    assert numbers(runs["cluster"]) == numbers(runs["local"])
+    status = subprocess.run([str(BIN / "fermine"), "status", str(runs["cluster"])], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0 and "where" in status.stdout and "flow" in status.stdout

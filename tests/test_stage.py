@@ -195,3 +195,56 @@ def test_stage_code_version_covers_the_modules_the_body_reaches_only(tmp_path, m
         assert stage_mod.stage_code(fermine_fake_stage_flow.body).roots == {"fermine_fake_stage_pkg.util"}
     finally:
         stage_mod.code_version.cache_clear()
+
+
+def test_two_chains_reaching_one_stage_compute_it_once_and_the_record_says_where(tmp_path):
+    """Concurrent chains of a round may ask for the same stage (PASM w/o teacher reuses round 1's attack):
+    it is computed once, the other caller reuses it; the record names the placer's answer."""
+    import threading
+    import time
+
+    run = Run(str(tmp_path / "run"))
+    calls = []
+
+    def slow(out):
+        calls.append(out)
+        time.sleep(0.3)
+        _write(2)(out)
+
+    def placer(fn, out):
+        fn(out)
+        return {"host": "gpu-node", "node_id": "abc", "device": "cuda:0 (test)", "pid": 1, "started": 0.0,
+                "finished": 1.0}
+
+    recs = []
+    threads = [threading.Thread(target=lambda: recs.append(run.stage("shared", {"n": 2}, {}, slow, placer)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r.reused for r in recs) == [False, True]
+    assert read_record(recs[0].uri).placement["host"] == "gpu-node"
+    row = next(r for r in run.status() if r["stage"] == "shared")
+    assert row["state"] == "reused"
+    done = next(e for e in run.events() if e["event"] == "finished")
+    assert done["placement"]["device"] == "cuda:0 (test)" and done["started"] <= done["time"]
+    plain = run.stage("plain", {}, {}, _write(1))  # no placer: computed in this process
+    assert plain.placement["device"] == "driver" and plain.placement["pid"] > 1
+
+
+def test_report_draws_the_timeline_by_where_stages_ran(tmp_path):
+    from flows.report import _timeline_svg, timeline_rows
+
+    run = Run(str(tmp_path / "run"))
+    run.stage("a", {}, {}, _write(1))
+    run.stage("b", {}, {}, _write(1), lambda fn, out: {**{"host": "w1", "node_id": "n1", "device": "cpu", "pid": 2},
+                                                       "started": __import__("time").time(),
+                                                       "finished": __import__("time").time(), **({} if fn(out) else {})})
+    rows = timeline_rows(run)
+    assert [r["stage"] for r in rows] == ["a", "b"]
+    assert rows[0]["lane"].endswith("flow process") and rows[1]["lane"] == "w1 / cpu (node n1)"
+    assert rows[0]["start"] == pytest.approx(0.0, abs=0.05) and all(r["end"] >= r["start"] for r in rows)
+    svg = _timeline_svg(rows)
+    assert svg.count("<rect") == 2 and "w1 / cpu" in svg and "flow process" in svg
+    assert _timeline_svg([]) == ""

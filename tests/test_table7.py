@@ -18,7 +18,7 @@ from tasks.engine.checkpoint import read_meta
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, MEAN, STD
 from tasks.pasm.erase import EraseConfig, erase_table, random_erasing_batch
 from tasks.models import build_model
-from tasks.pasm.rounds import PasmConfig, baseline_train_config, student_train_config
+from tasks.pasm.student import PasmConfig, baseline_train_config, student_train_config
 from tasks.train import TrainConfig, train
 
 SIZE = 32

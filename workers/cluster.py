@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import ray
@@ -28,9 +29,16 @@ class RayConfig:
     log_to_driver: bool = False
 
 
+_CONNECTING = threading.Lock()  # a round's concurrent chains may all ask at once: one initialises
+
+
 def connect(cfg: RayConfig | None = None) -> None:
-    """Initialise Ray once per process; a second call is a no-op."""
-    cfg = cfg or RayConfig()
+    """Initialise Ray once per process; a second call (from any thread) is a no-op."""
+    with _CONNECTING:
+        _connect(cfg or RayConfig())
+
+
+def _connect(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

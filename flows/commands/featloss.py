@@ -2,7 +2,7 @@
 
   fermine featloss features TABLE OUT      GABOR, GSF and SIFT of every image, stored once as an artifact
   fermine featloss train TABLE OUT         one variant (no feature loss, GABOR, GSF, SIFT, fixed, adaptive ...)
-  fermine featloss compare OUT             the comparison table (Prefect flow), synthetic data by default
+  fermine featloss compare OUT             the comparison table (featloss pipeline), synthetic data by default
 """
 
 from __future__ import annotations
@@ -253,11 +253,11 @@ def register(app: typer.Typer) -> None:
             "repeatable."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the run's HTML report."),
     ) -> None:
-        """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (a Prefect flow).
+        """Compare no feature loss, GABOR, GSF, SIFT, fixed and adaptive weighting (the featloss pipeline).
 
         On the synthetic data (no --table) the unset training options come from
-        tasks.featloss.method.SYNTHETIC_RECIPE and the data from tasks.featloss.method.SYNTHETIC_DATA: what
-        tasks.featloss.method.compare_featloss (the benchmarks' entry point) runs for one seed.
+        tasks.featloss.method.SYNTHETIC_RECIPE and the data from tasks.featloss.method.SYNTHETIC_DATA: the
+        featloss pipeline (flows/featloss.py) that bench/fidelity.py runs once per seed.
         """
         from rich.console import Console
 
@@ -290,16 +290,19 @@ def register(app: typer.Typer) -> None:
                 config_from_options(**synthetic_options(synth))
             except ValueError as e:
                 raise UserError(str(e)) from None
-        from flows.config import ConfigError
-        from flows.featloss import featloss_flow
+        from flows.commands.run import _resolve, _run_flow, build_config
 
+        # The variant sets the feature-loss fields; the rest is the config every variant trains with.
         cfg = {k: v for k, v in base.to_dict().items()
                if k not in ("z_feature", "x_features", "structure", "adaptive")}
+        run_cfg = build_config({
+            "name": "featloss", "out": out, "pipeline": "featloss", "seed": seed, "report": report,
+            "featloss": {"table_uri": table, "test_uri": test, "test_splits": list(_splits(test_split, "--test-split")),
+                         "variants": names, "config": cfg, "synthetic": synth, "report": report}})
+        _resolve(run_cfg)  # as `fermine run` does: every setting checked before the flow starts
         try:
-            summary = featloss_flow(out, table_uri=table, test_uri=test,
-                                    test_splits=list(_splits(test_split, "--test-split")), variants=names,
-                                    config=cfg, synthetic=synth, report=report)
-        except (ValueError, ConfigError, FloatingPointError) as e:
+            summary = _run_flow(run_cfg)
+        except (ValueError, FloatingPointError) as e:  # ConfigError, a table without the splits, divergence
             raise UserError(str(e)) from None
         rows = []
         for name, m in summary["metrics"].items():

@@ -259,10 +259,10 @@ def register(app: typer.Typer) -> None:
     def omni_cmd(
         labeled: str = typer.Argument(..., help="Labeled image table (train split: anchor; test split: inner test)."),
         pool: str = typer.Argument(..., help="Unlabeled pool: an image table, or an MS-Celeb-1M release folder "
-                                   "(train.rec + train.idx, or <identity>/<n>.jpg), ingested once into OUT/pool."),
-        out: str = typer.Argument(..., help="Output folder (every stage's artifact, results.md/json, figures)."),
-        cross: Optional[List[str]] = typer.Option(None, help="Cross-data-set test table as NAME=TABLE (repeatable)."),
-        cross_split: Optional[List[str]] = typer.Option(None, help="Split(s) of the cross tables (default: all rows)."),
+                                   "(train.rec + train.idx, or <identity>/<n>.jpg), ingested once as a stage."),
+        out: str = typer.Argument(..., help="Run folder: a folder per stage, results.json/.md, report.html."),
+        cross: Optional[List[str]] = typer.Option(None, help="Cross-data-set test table as NAME=TABLE (repeatable; "
+                                                  "every row is tested)."),
         primitive: Optional[str] = typer.Option(None, help="Use this trained checkpoint as primitive learner/baseline."),
         arch: str = typer.Option("small_cnn", help="small_cnn, resnet18, resnet34, resnet50, vgg16."),
         epochs: int = typer.Option(10, help="Epochs of the baseline and of each retraining."),
@@ -274,58 +274,49 @@ def register(app: typer.Typer) -> None:
         center: bool = typer.Option(False, help="Subtract the centroids' mean before the cosine (not in the paper)."),
         pool_split: Optional[List[str]] = typer.Option(None, help="Pool split(s) to mine (default: every row)."),
         distill_steps: int = typer.Option(400, help="Distillation outer steps."),
-        distill_arch: str = typer.Option("convnet", help="Network the images are distilled for."),
+        distill_arch: Optional[str] = typer.Option(None, help="Network the images are distilled for (default: "
+                                                   "--arch, the network retrained with them)."),
         distill_size: Optional[int] = typer.Option(None, help="Distilled image side (default: --size)."),
         images_per_class: int = typer.Option(1, help="Distilled images per class."),
         ray_address: Optional[str] = typer.Option(None, help="Ray cluster for mining; default: a local instance."),
-        workers: Optional[int] = typer.Option(None, help="Mining actors."),
+        workers: int = typer.Option(2, help="Mining actors."),
         seed: int = typer.Option(0, help="Seed."),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
-        """Centroids -> mine -> distill -> retrain with labeled + VAS / DAS -> evaluate (Tables 1 and 4)."""
-        from rich.console import Console
-        from rich.table import Table
+        """Centroids -> mine -> distill -> retrain with labeled + VAS / DAS -> evaluate, as the omni pipeline.
+
+        The same DAG as `fermine run` with `pipeline: omni` (this command builds that config from its
+        options), so a rerun reuses every finished stage, and `fermine status OUT` / the report work.
+        """
+        import os
 
         from flows.cli import UserError
-        from tasks.omni.distill import DistillConfig
-        from flows.omni import OmniConfig, run_omni
-        from tasks.train import TrainConfig
+        from flows.commands.run import build_config, run_pipeline
+        from storage.artifact import is_finished
 
-        _need_table(labeled, "LABELED")
-        pool = _pool_table(pool, out)
-        if primitive:
-            _need_checkpoint(primitive)
-        cross_map = {}
+        if is_finished(pool):
+            pool_source: dict = {"format": "table", "root": pool}
+        elif os.path.isdir(pool):  # an MS-Celeb-1M release: aligned 112 x 112 crops, resized, no face detection
+            pool_source = {"format": "ms1m", "root": pool, "align": {"detect": "never"}}
+        else:
+            raise UserError(f"no finished image table or MS-Celeb-1M release at {pool} (POOL): check the path")
+        cross_sources = []
         for c in cross or []:
             name, sep, uri = c.partition("=")
             if not sep or not name or not uri:
                 raise UserError(f"--cross takes NAME=TABLE, got {c!r}")
-            _need_table(uri, f"--cross {name}")
-            cross_map[name] = uri
-        con = Console()
-        try:
-            cfg = OmniConfig(
-                train=TrainConfig(arch=arch, epochs=epochs, input_size=size, lr=lr, batch_size=batch_size, seed=seed,
-                                  device=device),
-                mine=_mine_config(margin, floor, center, 256, pool_split, None, device, 1),
-                distill=DistillConfig(outer_steps=distill_steps, arch=distill_arch, seed=seed, device=device,
-                                      images_per_class=images_per_class),
-                distill_image_size=distill_size, cross_splits=_splits(cross_split, None),
-                workers=workers, ray_address=ray_address,
-            )
-            res = run_omni(cfg, labeled, pool, out, cross=cross_map, primitive_checkpoint=primitive,
-                           log=lambda m: con.print(f"[dim]{m}"))
-        except ValueError as e:
-            raise UserError(str(e)) from e
-        con.print(_counts_table("auxiliary samples (VAS)", res.mined["counts"], res.mined["kept"],
-                                res.mined["examined"], res.mined["undecodable"]))
-        t = Table(title=f"Omni-supervised FER ({arch}): accuracy / mean class accuracy, %")
-        t.add_column("method")
-        for name in res.tests:
-            t.add_column(name, justify="right")
-        for r in res.rows:
-            t.add_row(r["method"], *[f"{100 * r[n]['accuracy']:.2f} / {100 * r[n]['mean_class_accuracy']:.2f}"
-                                     for n in res.tests])
-        con.print(t)
-        con.print(f"results: {out.rstrip('/')}/results.md, results.json; figures: "
-                  + ", ".join(res.figures.values()))
+            cross_sources.append({"format": "table", "root": uri, "name": name})
+        recipe = {"arch": arch, "epochs": epochs, "input_size": size, "lr": lr, "batch_size": batch_size,
+                  "device": device}
+        cfg = build_config({
+            "name": "omni", "out": out, "seed": seed, "pipeline": "omni",
+            "labeled": {"format": "table", "root": labeled}, "pool": pool_source, "cross": cross_sources,
+            "align": {"size": size}, "teacher": recipe, "teacher_checkpoint": primitive,
+            "mine": {"margin": margin, "floor": floor, "center": center, "splits": _splits(pool_split, None),
+                     "device": device},
+            "distill": {"outer_steps": distill_steps, "images_per_class": images_per_class, "device": device,
+                        **({"arch": distill_arch} if distill_arch else {}),
+                        **({"image_size": distill_size} if distill_size else {})},
+            "ray": {"address": ray_address, "workers": workers},
+        })
+        run_pipeline(cfg)

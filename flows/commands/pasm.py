@@ -1,4 +1,4 @@
-"""`fermine attack` (the PASM point attack as a Ray stage) and `fermine pasm` (Algorithm 1 end to end)."""
+"""`fermine attack` (the PASM point attack as a Ray stage) and `fermine pasm` (Algorithm 1: the pasm pipeline)."""
 
 from __future__ import annotations
 
@@ -39,10 +39,6 @@ def _attack_stage(local: bool, ray_address: str | None, workers: int | None, on_
                    on_shard=(lambda i, info, rej: on_shard(i, info.rows)) if on_shard else None)
 
     return run_ray
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 def register(app: typer.Typer) -> None:
@@ -116,7 +112,7 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 raise UserError(str(e)) from e
         secs = time.perf_counter() - t0
-        from tasks.pasm.rounds import attack_summary
+        from tasks.pasm.student import attack_summary
 
         s = attack_summary(out)
         s.update({"seconds": secs, "images_per_s": done["rows"] / secs if done["rows"] else None,
@@ -140,7 +136,8 @@ def register(app: typer.Typer) -> None:
     @app.command("pasm")
     def pasm_cmd(
         table: str = typer.Argument(..., help="Labeled image table (train split: learning material; test: test)."),
-        out: str = typer.Argument(..., help="Output folder: teacher, round-N/{positions,erased,student}, figure."),
+        out: str = typer.Argument(..., help="Run folder: a folder per stage (teacher, attack-rN, erase-rN, "
+                                  "student-rN, evaluate-*), results.json/.md, report.html."),
         rounds: int = typer.Option(1, help="Self-mining rounds N (the paper: 1-3)."),
         beta: float = typer.Option(0.1, help="Eq. 4 weight of MSE(student, teacher logits); paper: 0.5, 0.1, 0.01."),
         alpha: float = typer.Option(1.0, help="Eq. 4 weight of the cross-entropy."),
@@ -148,9 +145,14 @@ def register(app: typer.Typer) -> None:
                                         "side (the paper: 23..39 px at 224)."),
         fill: str = typer.Option("rgb", help="rgb: the attack's perturbed value (the paper) | random | constant."),
         ablation: Optional[List[str]] = typer.Option(None, help="random: random erasing instead of the attack; "
-                                                     "no-teacher: PASM w/o teacher (no MSE term, student from the teacher's initialisation). Repeatable."),
+                                                     "no-teacher: PASM w/o teacher (no MSE term, student from the "
+                                                     "teacher's initialisation). Repeatable."),
+        compare: Optional[List[str]] = typer.Option(None, help="Table VII's one-round conditions trained beside "
+                                                    "the rounds: random_erasing, adversarial_erasing, no_teacher "
+                                                    "(repeatable or comma-separated; 'none' for none). Default: none."),
         teacher: Optional[str] = typer.Option(None, help="Start from this teacher checkpoint instead of training one."),
-        test: Optional[str] = typer.Option(None, help="Test table (default: TABLE's test split)."),
+        test: Optional[str] = typer.Option(None, help="Another test table, evaluated as test set 'test' besides "
+                                           "TABLE's test split."),
         arch: str = typer.Option("small_cnn", help="small_cnn (CPU), resnet18, resnet34, resnet50, vgg16."),
         size: int = typer.Option(64, help="Input side in pixels (224 in the paper)."),
         epochs: int = typer.Option(10, help="Teacher epochs (and student epochs unless --student-epochs)."),
@@ -170,94 +172,40 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of training, attack and erasing."),
         device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda."),
         ray_address: Optional[str] = typer.Option(None, help="Ray cluster for the attack; default: a local instance."),
-        workers: Optional[int] = typer.Option(None, help="Ray attack actors (default: one per GPU, else per 2 CPUs)."),
-        local: bool = typer.Option(False, "--local", help="Run the attack in this process instead of on Ray."),
-        json_path: Optional[str] = typer.Option(None, "--json", help="Also write the summary JSON here."),
+        workers: int = typer.Option(2, help="Ray attack actors."),
+        json_path: Optional[str] = typer.Option(None, "--json", help="Also write the run's summary JSON here."),
     ) -> None:
-        """PASM (Algorithm 1): teacher -> (attack -> erase -> student) x N; resumes an interrupted run."""
-        from rich.console import Console
-        from rich.table import Table
+        """PASM (Algorithm 1): teacher -> (attack -> erase -> student) x N, as the pasm pipeline.
 
+        The same DAG as `fermine run` with `pipeline: pasm` (this command builds that config from its
+        options), so a rerun reuses every finished stage, and `fermine status OUT` / the report work.
+        """
         from flows.cli import UserError
-        from flows.progress import progress_bar
-        from storage.artifact import is_finished
-        from tasks.engine.checkpoint import checkpoint_exists
+        from flows.commands.run import build_config, run_pipeline
 
         ablations = set(_splits(ablation, ()))
         bad = ablations - {"random", "no-teacher"}
         if bad:
             raise UserError(f"unknown --ablation {', '.join(sorted(bad))}; choose random and/or no-teacher")
-        for t in [table] + ([test] if test else []):
-            if not is_finished(t):
-                raise UserError(f"no finished image table at {t}: check the path, or run the stage that makes it")
-        if teacher and not checkpoint_exists(teacher):
-            raise UserError(f"no finished checkpoint at {teacher} (model.json + model.pt)")
-        from tasks.pasm.erase import EraseConfig
-        from tasks.models import available_models
-        from tasks.pasm.rounds import PasmConfig, run_pasm
-        from tasks.train import TrainConfig
-
-        try:
-            if arch not in available_models():
-                raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
-            acfg = _attack_config(popsize, generations, scale, 1.0, probe, mask_size, early_stop, attack_init, seed,
-                                  chunk_size, device, ("train",))
-            cfg = PasmConfig(
-                rounds=rounds, alpha=alpha, beta=beta,
-                train=TrainConfig(arch=arch, input_size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  pretrained=pretrained, seed=seed, device=device),
-                attack=acfg, erase=EraseConfig(size=mask_size, fill=fill, seed=seed),
-                student_epochs=student_epochs, student_init=student_init, student_data=student_data,
-                random_erasing="random" in ablations, no_teacher="no-teacher" in ablations,
-            ).validate()
-        except ValueError as e:
-            raise UserError(str(e)) from e
-
-        total = (0 if teacher else 1) + cfg.rounds
-        with progress_bar("pasm", total) as bar:
-            def on_event(e: dict) -> None:
-                ev = e.get("event")
-                if ev == "epoch":
-                    bar.update(0, info=f"{e['what']} r{e['round']} epoch {e['epoch']}/{e['epochs']} "
-                                       f"loss {e['loss']:.3f} acc {e['train_acc']:.3f}")
-                    if e["epoch"] == e["epochs"]:
-                        bar.advance(0, 1)
-                elif ev in ("attack", "erase", "teacher", "student"):
-                    what = e.get("what") or ev
-                    bar.update(0, info=f"round {e['round']}: {what} {ev if what != ev else ''}".strip())
-                elif ev == "round":
-                    r = e["result"]
-                    bar.console.print(f"round {r['round']}: test accuracy {r['accuracy']:.4f}")
-
-            attack_stage = _attack_stage(local, ray_address, workers)
-            try:
-                res = run_pasm(cfg, table, out, test_uri=test, teacher_uri=teacher, attack_stage=attack_stage,
-                               progress=on_event)
-            except (ValueError, FileNotFoundError) as e:
-                raise UserError(str(e)) from e
-
-        label = "random erasing (ablation)" if cfg.random_erasing else "PASM"
-        if cfg.no_teacher:
-            label += " w/o teacher"
-        beta_used = cfg.beta if cfg.uses_teacher else 0
-        t = Table(title=f"{label}: test accuracy per round ({arch}, {size} px, beta {beta_used})")
-        t.add_column("round")
-        t.add_column("teacher", justify="right")
-        t.add_column(label, justify="right")
-        t.add_column(f"{label} mean class", justify="right")
-        t.add_column("p(true) clean -> attacked", justify="right")
-        t.add_row("0 (teacher)", _fmt(res.teacher_accuracy), "", _fmt(res.teacher_mean_class_accuracy), "")
-        prev = res.teacher_accuracy
-        for r in res.rounds:
-            probs = f"{r.attack['mean_clean_prob']:.3f}->{r.attack['mean_fitness']:.3f}" if r.attack.get("rows") else ""
-            t.add_row(str(r.round), _fmt(prev), _fmt(r.accuracy), _fmt(r.mean_class_accuracy), probs)
-            prev = r.accuracy
-        con = Console()
-        con.print(t)
-        if res.figure:
-            con.print(f"figure: {res.figure}")
-        con.print(f"summary: {out.rstrip('/')}/summary.json")
+        conditions = [c for c in _splits(compare, ()) if c != "none"]
+        cfg = build_config({
+            "name": "pasm", "out": out, "seed": seed, "pipeline": "pasm",
+            "labeled": {"format": "table", "root": table},
+            "cross": [{"format": "table", "root": test, "name": "test"}] if test else [],
+            "teacher_checkpoint": teacher,
+            "teacher": {"arch": arch, "input_size": size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                        "pretrained": pretrained, "device": device},
+            "attack": {"popsize": popsize, "generations": generations, "scale": scale, "probe": probe,
+                       "patch": mask_size, "early_stop": early_stop, "init": attack_init, "chunk_size": chunk_size,
+                       "device": device},
+            "pasm": {"rounds": rounds, "alpha": alpha, "beta": beta, "student_epochs": student_epochs,
+                     "student_init": student_init, "student_data": student_data, "compare": conditions,
+                     "random_erasing": "random" in ablations, "no_teacher": "no-teacher" in ablations,
+                     "erase": {"size": mask_size, "fill": fill}},
+            "ray": {"address": ray_address, "workers": workers},
+        })
+        summary = run_pipeline(cfg)
         if json_path:
             from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
 
-            atomic_write_bytes(json_path, dumps_json(res.to_dict()).encode())
+            atomic_write_bytes(json_path, dumps_json(summary).encode())

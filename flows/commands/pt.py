@@ -1,8 +1,9 @@
-"""`fermine pt`: Progressive Teacher (semi-supervised, noisy labels), optionally against its baselines."""
+"""`fermine pt`: Progressive Teacher (semi-supervised, noisy labels), optionally against its baselines,
+as the pt pipeline (flows/pt.py): the command builds the run config from its options."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 
@@ -17,10 +18,6 @@ def _split_list(values: list[str] | None, default: tuple[str, ...] | None) -> tu
         return default
     out = tuple(s.strip() for v in values for s in v.split(",") if s.strip())
     return None if "all" in out else out
-
-
-def _pct(rate: float) -> str:
-    return f"{100 * rate:g}"
 
 
 def register(app: typer.Typer) -> None:
@@ -91,8 +88,6 @@ def register(app: typer.Typer) -> None:
                                                              "of the synthetic data (storage.synthetic.SyntheticConfig"
                                                              ", e.g. train_per_class=150, pool_size=2100, "
                                                              "intensity_min=0.6); repeatable."),
-        report: bool = typer.Option(True, "--report/--no-report", help="Write the filtered-samples report "
-                                    "(per-class table + image grid) of every PT run."),
     ) -> None:
         """Progressive Teacher: two EMA teachers pick small-loss labeled samples for each other's student.
 
@@ -101,27 +96,11 @@ def register(app: typer.Typer) -> None:
         epochs, lr step 5, batch 64, T = 130, EMA cap 0.99, r = noise) fills every setting not given, and
         every method starts from a backbone pretrained on other synthetic faces (--synthetic-pretrain).
         """
-        from rich.console import Console
-        from rich.table import Table
-
         from flows.cli import UserError
-        from flows.pt import SYNTHETIC_RECIPE
-        from storage.artifact import is_finished, join
+        from flows.commands.ingest import parse_options
+        from flows.commands.run import build_config, run_pipeline
 
-        # Settings not given: the synthetic recipe on the synthetic data, the paper's (PTConfig) otherwise.
-        given = {"input_size": size, "epochs": epochs, "lr_milestones": tuple(lr_step) if lr_step else None,
-                 "batch_size": batch_size, "turn_iters": turn_iters, "ema_max": ema_max,
-                 "forget_margin": forget_margin}
-        from tasks.pt.method import PTConfig
-
-        paper = PTConfig()  # the paper's values (input size: fermine's CPU default)
-        base = {**{k: getattr(paper, k) for k in given}, **(SYNTHETIC_RECIPE if labeled == SYNTHETIC else {})}
-        chosen = {k: base[k] if v is None else v for k, v in given.items()}
-        size = int(chosen["input_size"])
-
-        console = Console(stderr=True)
         train_splits = _split_list(train_split, ("train",))
-        test_splits = _split_list(test_split, ("test",))
         if train_splits is None:
             raise UserError("--train-split needs named splits (e.g. train), not 'all'")
         if noise_kind not in ("symmetric", "asymmetric"):
@@ -130,156 +109,41 @@ def register(app: typer.Typer) -> None:
         bad = [r for r in rates if not 0.0 <= r < 1.0]
         if bad:
             raise UserError(f"--noise rates must be fractions in [0, 1) (0.3 = 30%), got {bad}")
-        if is_finished(out):
-            raise UserError(f"OUT {out} is an image table; give a folder for the runs (did you forget an argument?)")
-
-        pool_splits = _split_list(pool_split, ("pool",) if pool == SYNTHETIC else None)
-        # Settings are checked before any data is generated or read, so a typo fails at once.
-        from tasks.pt.label_noise import inject_noise
-        from tasks.pt.method import PTConfig, mean_teacher_config
-
-        try:
-            cfg = PTConfig(
-                arch=arch, pretrained=pretrained, labeled_fraction=labeled_fraction, lr=lr,
-                lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, forget_rate=forget_rate,
-                consistency_max=consistency_max, **chosen,
-                consistency_shape=consistency_shape, ratio=ratio, guidance=guidance,
-                consistency_guidance=consistency_guidance,
-                n_pairs=pairs, confidence_estimator=confidence, confidence_threshold=confidence_threshold,
-                split_bn=split_bn, seed=seed, device=device, train_splits=train_splits, pool_splits=pool_splits,
-                val_splits=_split_list(val_split, ("val",)) or ("val",),
-            )
-            from tasks.models import available_models
-            from tasks.pt.method import finetune_config
-
-            if compare:
-                finetune_config(cfg)  # the matched baseline must be expressible before anything runs
-            if arch not in available_models():
-                raise ValueError(f"unknown --arch {arch!r}; choose one of: {', '.join(available_models())}")
-            from tasks.device import resolve_device
-
-            resolve_device(device)
-        except (ValueError, RuntimeError) as e:  # torch.device("gpu") is a RuntimeError
-            raise UserError(str(e)) from e
-
-        synth = None
-        if SYNTHETIC in (labeled, pool, test):
-            from flows.commands.ingest import parse_options
-            from flows.pt import synthetic_table
-
-            try:
-                with console.status("generating the synthetic data set"):
-                    synth = synthetic_table(out, size, parse_options(list(synthetic_option or [])))
-            except ValueError as e:
-                raise UserError(str(e)) from e
-        labeled_uri = synth if labeled == SYNTHETIC else labeled
-        pool_uri = None if pool == "-" else (synth if pool == SYNTHETIC else pool)
-        test_uri = synth if test == SYNTHETIC else test
-        for name, uri in (("LABELED", labeled_uri), ("POOL", pool_uri), ("TEST", test_uri), ("--val", val)):
-            if uri is not None and not is_finished(uri):
+        if SYNTHETIC in (pool, test) and labeled != SYNTHETIC:
+            raise UserError("POOL/TEST 'synthetic' is the synthetic data set's pool/test split: it needs LABELED "
+                            "'synthetic' too; give image tables otherwise")
+        # PTConfig fields; what is not given comes from the synthetic recipe on the synthetic data
+        # (flows.pt.SYNTHETIC_RECIPE), from the paper's PTConfig defaults otherwise.
+        given = {"input_size": size, "epochs": epochs, "lr_milestones": list(lr_step) if lr_step else None,
+                 "batch_size": batch_size, "turn_iters": turn_iters, "ema_max": ema_max,
+                 "forget_margin": forget_margin, "forget_rate": forget_rate,
+                 "pool_splits": list(_split_list(pool_split, None) or []) or None}
+        config = {k: v for k, v in given.items() if v is not None}
+        config.update(
+            arch=arch, pretrained=pretrained, labeled_fraction=labeled_fraction, lr=lr, lr_gamma=lr_gamma,
+            momentum=momentum, weight_decay=weight_decay, consistency_max=consistency_max,
+            consistency_shape=consistency_shape, ratio=ratio, guidance=guidance,
+            consistency_guidance=consistency_guidance, n_pairs=pairs, confidence_estimator=confidence,
+            confidence_threshold=confidence_threshold, split_bn=split_bn, seed=seed, device=device,
+            train_splits=list(train_splits), val_splits=list(_split_list(val_split, ("val",)) or ("val",)))
+        options = {
+            "labeled_uri": labeled, "pool_uri": None if pool in ("-", SYNTHETIC) else pool,
+            "test_uri": None if test == SYNTHETIC else test, "val_uri": val,
+            "test_splits": list(_split_list(test_split, ("test",)) or []) or None,
+            "noise_rates": rates, "noise_kind": noise_kind, "noise_seed": noise_seed, "compare": compare,
+            "config": config, "synthetic_pretrain": synthetic_pretrain,
+            "synthetic_options": parse_options(list(synthetic_option or [])),
+        }
+        cfg = build_config({"name": "pt", "out": out, "pipeline": "pt", "seed": seed, "pt": options})
+        for name, uri in (("LABELED", labeled), ("POOL", options["pool_uri"]), ("TEST", options["test_uri"]),
+                          ("--val", val)):
+            if uri is not None and uri != SYNTHETIC and not _is_table(uri):
                 raise UserError(f"{name}: no finished image table at {uri}; check the path, or run "
                                 "`fermine ingest` first")
-        if synthetic_pretrain and labeled == SYNTHETIC and pretrained is None:
-            import dataclasses
-
-            from flows.pt import synthetic_backbone
-
-            try:
-                with console.status("pretraining the backbone on the style-b synthetic faces (once, then reused)"):
-                    cfg = dataclasses.replace(cfg, pretrained=synthetic_backbone(out, size, arch, device=device,
-                                                                                 seed=seed))
-            except ValueError as e:
-                raise UserError(str(e)) from e
-            console.print(f"pretrained backbone: {cfg.pretrained}")
-
-        results: list[dict[str, Any]] = []
-        try:
-            for rate in rates:
-                tag = f"noise-{noise_kind[:3]}-{_pct(rate)}" if rate > 0 else "noise-0"
-                run_dir = join(out, tag)
-                train_uri = labeled_uri
-                if rate > 0:
-                    train_uri = join(run_dir, "labeled")
-                    inject_noise(labeled_uri, train_uri, noise_kind, rate, noise_seed, splits=train_splits)
-                methods: list[tuple[str, Any]] = []
-                if compare:
-                    methods.append(("Fine-tune (baseline)", "finetune"))
-                    methods.append(("Mean Teacher", mean_teacher_config(cfg)))
-                methods.append(("PT (ours)" if compare else "PT", cfg))
-                for name, how in methods:
-                    row = _run_one(name, how, cfg, train_uri, pool_uri, test_uri, test_splits, val, run_dir, rate,
-                                   noise_kind, report)
-                    results.append(row)
-                    console.print(f"[bold]{name}[/bold] at {_pct(rate)}% noise: accuracy {row['accuracy']:.4f}, "
-                                  f"mean class accuracy {row['mean_class_accuracy']:.4f} -> {row['checkpoint']}")
-        except (ValueError, FileExistsError, FileNotFoundError) as e:
-            raise UserError(str(e)) from e
-
-        table = Table(title=f"{'Table 4-style comparison' if compare else 'Progressive Teacher'} "
-                            f"({noise_kind} noise) on {test_uri} [{', '.join(test_splits or ['all'])}]")
-        table.add_column("Method", no_wrap=True)
-        for col in ("Noise (%)", "Accuracy", "Mean class acc.", "Filtered noisy", "Filtered clean"):
-            table.add_column(col, justify="right")
-        for r in results:
-            fmt = lambda v: "" if v is None or v != v else f"{100 * v:.1f}%"
-            table.add_row(r["method"], _pct(r["noise"]), f"{100 * r['accuracy']:.2f}%",
-                          f"{100 * r['mean_class_accuracy']:.2f}%", fmt(r.get("noisy_filtered_rate")),
-                          fmt(r.get("clean_filtered_rate")))
-        Console().print(table)
-        from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
-
-        atomic_write_bytes(join(out, "results.json"), dumps_json({"results": results, "noise_kind": noise_kind,
-                                                                 "test": test_uri}).encode())
-        console.print(f"results: {join(out, 'results.json')}")
+        run_pipeline(cfg)
 
 
-def _run_one(name: str, how: Any, cfg: Any, train_uri: str, pool_uri: str | None, test_uri: str,
-             test_splits: tuple[str, ...] | None, val: str | None, run_dir: str, rate: float, noise_kind: str,
-             report: bool) -> dict[str, Any]:
-    """Train one method, evaluate it on the test table; returns a results row."""
-    from flows.progress import progress_bar
-    from storage.artifact import join
-    from tasks.evaluate import evaluate
+def _is_table(uri: str) -> bool:
+    from storage.artifact import is_finished
 
-    row: dict[str, Any] = {"method": name, "noise": rate, "noise_kind": noise_kind}
-    if how == "finetune":
-        from tasks.pt.method import finetune_config
-        from tasks.train import train
-
-        # Same network, epochs, schedule and labeled samples per step as PT, without pool or selection.
-        tcfg = finetune_config(cfg)
-        ckpt = join(run_dir, "finetune")
-        with progress_bar(f"{name} {_pct(rate)}%", None) as bar:
-            def on_batch(d: dict) -> None:
-                bar.update(0, total=d["steps"] * d["epochs"], completed=(d["epoch"] - 1) * d["steps"] + d["step"],
-                           info=f"epoch {d['epoch']}/{d['epochs']} loss {d['loss']:.3f}")
-
-            train(tcfg, [train_uri], ckpt, on_batch=on_batch)
-    else:
-        from tasks.pt.method import train_pt
-
-        sub = join(run_dir, "pt" if how.n_pairs > 1 or how.forget_rate != 0 else "mean_teacher")
-        with progress_bar(f"{name} {_pct(rate)}%", None) as bar:
-            def on_step(d: dict) -> None:
-                if d["event"] == "step":
-                    bar.update(0, total=d["steps"] * d["epochs"], completed=(d["epoch"] - 1) * d["steps"] + d["step"],
-                               info=f"epoch {d['epoch']}/{d['epochs']} CE {d['sup_loss']:.3f}"
-                                    f" R {d['ratio']:.2f} w {d['weight']:.2f}")
-
-            res = train_pt(how, train_uri, pool_uri, sub, progress=on_step, val_uri=val)
-        ckpt = res.checkpoint_uri
-        for k in ("noisy_filtered_rate", "clean_filtered_rate", "filtered_precision", "forget_rate", "filtered_out"):
-            if k in res.metrics:
-                row[k] = res.metrics[k]
-        if report and how.forget_rate != 0:
-            from tasks.pt.report import write_report
-
-            rep = write_report(sub, train_uri, size=cfg.input_size)
-            row["report"] = {"csv": rep.csv_uri, "png": rep.png_uri}
-            from flows.progress import console
-
-            console.print(f"filtered out by the teachers ({name}, {_pct(rate)}% noise):\n{rep.table}")
-    ev = evaluate(ckpt, test_uri, splits=test_splits, device=cfg.device)
-    row.update({"accuracy": ev.accuracy, "mean_class_accuracy": ev.mean_class_accuracy, "checkpoint": ckpt,
-                "per_class": ev.per_class})
-    return row
+    return is_finished(uri)

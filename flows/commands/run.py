@@ -28,15 +28,35 @@ def _print_summary(summary: dict, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich import box
+
+    from flows.results import SECTION_TITLES
+
     con = Console() if sys.stdout.isatty() else Console(width=120)  # logs: no 80-column cut
-    recs = summary.get("results", [])
-    if recs:
-        t = Table(title=f"{summary.get('name')}: results")
-        for k in recs[0]:  # short headers so the table fits an 80-column terminal
-            label = k.replace("mean class accuracy", "mean-class acc").replace("accuracy", "acc")
+    sections = dict(summary.get("sections") or {})
+    if "pasm" in sections and "omni" in sections:  # one classification table; omni's rows after PASM's
+        shared = {r["model"] for r in sections["pasm"]}
+        sections["pasm"] = [*sections["pasm"], *[r for r in sections.pop("omni") if r["model"] not in shared]]
+        titles = {**SECTION_TITLES, "pasm": "PASM and omni-supervised (teacher, vas, das)"}
+    else:
+        titles = dict(SECTION_TITLES)
+    tables = ([(f"{summary.get('name')}: {titles.get(k, k)}", v) for k, v in sections.items()]
+              if len(sections) > 1 else [(f"{summary.get('name')}: results", summary.get("results", []))])
+    for title, recs in tables:
+        if not recs:
+            continue
+        keys: list[str] = []
+        for r in recs:  # rows of one table may differ (the union, first seen first)
+            keys += [k for k in r if k not in keys]
+        t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
+        for k in keys:  # short headers so the table fits an 80-column terminal
+            label = (k.replace("mean class accuracy", "mean-class acc").replace("accuracy", "acc")
+                     .replace("test (5-crop + mirror vote)", "5-crop vote").replace("test (centre crop)", "centre")
+                     .replace("val (vote)", "val"))
             t.add_column(label, justify="left" if k == "model" else "right", no_wrap=k == "model")
         for r in recs:
-            t.add_row(*["" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r.values()])
+            t.add_row(*["" if r.get(k) is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]))
+                        for k in keys])
         con.print(t)
     con.print(f"run folder: {summary.get('run')}  ({seconds / 60:.1f} min)")
     if summary.get("report"):
@@ -60,6 +80,29 @@ def _resolve(cfg, check_paths: bool = True) -> dict:
         return resolve_configs(cfg, check_paths)
     except ValueError as e:  # ConfigError included
         raise UserError(str(e)) from None
+
+
+def run_pipeline(cfg) -> dict:
+    """What `fermine run` does with a config: check every stage's settings, run the pipeline with the
+    calm console, print the results table(s). The per-method commands build their config and call this."""
+    _resolve(cfg)
+    t0 = time.time()
+    summary = _run_flow(cfg)
+    _print_summary(summary, time.time() - t0)
+    return summary
+
+
+def build_config(data: dict):
+    """A RunConfig from a per-method command's options (UserError naming the bad setting)."""
+    from pydantic import ValidationError
+
+    from flows.config import RunConfig
+
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -120,14 +163,21 @@ def register(app: typer.Typer) -> None:
         rows = r.status()
         if not rows:
             raise UserError(f"{run} has no recorded stages; is it a run folder (the config's `out`)?")
+        from flows.report import _where
+        from flows.stage import read_record
+
         t = Table(title=f"run {run}")
-        for col in ("stage", "state", "seconds", "size", "output"):
+        for col in ("stage", "state", "seconds", "where", "started", "size", "output"):
             t.add_column(col)
         for row in rows:
-            secs = row.get("seconds")
-            t.add_row(row["stage"], row["state"], "" if secs is None else f"{secs:.1f}",
+            rec = read_record(row["uri"])  # a reused stage shows where and when it was computed
+            secs = row.get("seconds") if row.get("seconds") is not None else (rec.seconds if rec else None)
+            placement = row.get("placement") or (rec.placement if rec else {})
+            started = placement.get("started") or (rec.started if rec else None)
+            t.add_row(row["stage"], row["state"], "" if secs is None else f"{secs:.1f}", _where(placement),
+                      "" if started is None else time.strftime("%H:%M:%S", time.localtime(started)),
                       f"{fs_size(row['uri']) / 1e6:.1f} MB", row["uri"].rsplit("/", 1)[-1])
-        Console().print(t)
+        (Console() if sys.stdout.isatty() else Console(width=160)).print(t)  # logs and pipes: no 80-column cut
 
     @app.command()
     def report(run: str = typer.Argument(..., help="run folder"), out: Optional[str] = typer.Option(None, help="HTML path")) -> None:

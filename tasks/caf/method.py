@@ -78,7 +78,7 @@ TASK = "valence_arousal"
 OUTPUTS = ("valence", "arousal")
 MARGINS = ("adaptive", "constant", "linear")
 
-# The synthetic comparison (``fermine caf OUT --compare`` on the synthetic data, and compare_caf_synthetic):
+# The synthetic comparison (the caf pipeline on the synthetic data: ``fermine caf OUT --compare``, bench/fidelity.py):
 # storage.synthetic.SyntheticConfig options (generated at the input size) and the CAFConfig fields shared by
 # the critic-free baseline and CAF (they differ only in ``critic``). The generator's default faces with 500
 # training faces per class (fresh faces teach more per CPU second than repeated epochs) and 100 test faces
@@ -94,7 +94,6 @@ SYNTHETIC_RECIPE: dict[str, Any] = {"input_size": 32, "batch_size": 64, "epochs"
 __all__ = [
     "SYNTHETIC_DATA",
     "SYNTHETIC_RECIPE",
-    "compare_caf_synthetic",
     "synthetic_table",
     "CAF",
     "CAFConfig",
@@ -104,7 +103,6 @@ __all__ = [
     "TASK",
     "adaptive_k",
     "adversarial_loss",
-    "compare_caf",
     "confidence_delta",
     "critic_loss",
     "evaluate_va",
@@ -741,60 +739,6 @@ def evaluate_va(
     return out
 
 
-def compare_caf(
-    cfg: CAFConfig,
-    train_uri: str,
-    out_uri: str,
-    test_uri: str,
-    test_splits: Sequence[str] | None = ("test",),
-    progress: Callable[[str, dict[str, Any]], None] | None = None,
-    seeds: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Table 1/4 style comparison: the baseline (no critic) and CAF, same data, seed and schedule.
-
-    ``seeds=None`` trains one pair with ``cfg.seed`` into ``<out>/baseline`` and ``<out>/caf``; a list of
-    seeds trains one pair per seed into ``<out>/seed-<s>/baseline|caf`` (the seed sets initialisation,
-    batch order and flips; data and test set stay the same). Writes the checkpoints, their test scatter
-    plots and ``<out>/results.json``; returns {"rows": {"baseline": metrics, "caf": metrics} (the mean over
-    seeds), "seeds", "per_seed": {name: [metrics of each seed, with "seed"]}, "paired": {metric: the
-    per-seed differences caf - baseline, their mean, se and mean / se}, ...}. Finished runs are reused.
-    """
-    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
-    from tasks.featloss.method import paired_difference
-
-    t0 = time.time()
-    run_seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]
-    if not run_seeds or len(set(run_seeds)) != len(run_seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {run_seeds}")
-    results: dict[str, Any] = {"train_uri": train_uri, "test_uri": test_uri, "test_splits": test_splits,
-                               "config": cfg.to_dict(), "seeds": run_seeds, "rows": {}, "per_seed": {}}
-    names = ("baseline", "caf")
-    for seed in run_seeds:
-        for name in names:
-            c = dataclasses.replace(cfg, critic=name == "caf", seed=seed)
-            sub = _join(out_uri, name) if seeds is None else _join(_join(out_uri, f"seed-{seed}"), name)
-            cb = (lambda d, _n=name: progress(_n, d)) if progress else None
-            res = train_caf(c, train_uri, sub, progress=cb)
-            m = evaluate_va(sub, test_uri, test_splits, device=cfg.device, scatter_png=_join(sub, "scatter.png"))
-            results["per_seed"].setdefault(name, []).append(
-                {**m, "seed": seed, "train_seconds": res.seconds, "checkpoint": sub})
-    for name in names:
-        rows = results["per_seed"][name]
-        if len(rows) == 1:
-            results["rows"][name] = {k: v for k, v in rows[0].items() if k != "seed"}
-        else:
-            mean = {k: float(np.mean([r[k] for r in rows])) for k in VA_METRICS}
-            std = {f"{k}_std": float(np.std([r[k] for r in rows], ddof=1)) for k in VA_METRICS}
-            results["rows"][name] = {**mean, **std, "n": rows[0]["n"], "skipped": rows[0]["skipped"],
-                                     "train_seconds": float(sum(r["train_seconds"] for r in rows)),
-                                     "seeds": run_seeds}
-    results["paired"] = {k: paired_difference([r[k] for r in results["per_seed"]["caf"]],
-                                              [r[k] for r in results["per_seed"]["baseline"]]) for k in VA_METRICS}
-    results["seconds"] = time.time() - t0
-    atomic_write_bytes(_join(out_uri, "results.json"), dumps_json(results).encode())
-    return results
-
-
 def synthetic_table(out_uri: str, size: int, options: dict[str, Any] | None = None) -> str:
     """The synthetic valence/arousal table (SYNTHETIC_DATA over ``options``, generated at ``size``) under
     ``<out>/data/synthetic-<digest of the generator config>``, generated once and then reused (the layout
@@ -811,18 +755,3 @@ def synthetic_table(out_uri: str, size: int, options: dict[str, Any] | None = No
     if not is_finished(uri):
         write_image_table(generate(cfg), uri, stage="ingest", config={"format": "synthetic", **config})
     return uri
-
-
-def compare_caf_synthetic(
-    out_uri: str,
-    seeds: Sequence[int] = (0, 1, 2),
-    config: dict[str, Any] | None = None,
-    synthetic: dict[str, Any] | None = None,
-    progress: Callable[[str, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """The synthetic comparison as a plain function (for benchmarks): SYNTHETIC_RECIPE (over ``config``,
-    CAFConfig fields) on SYNTHETIC_DATA (over ``synthetic``), tested on its test split, one baseline/CAF
-    pair per seed: what ``fermine caf OUT --compare --seeds ...`` runs. Returns compare_caf's dict."""
-    cfg = CAFConfig(**{**SYNTHETIC_RECIPE, **(config or {})})
-    table = synthetic_table(out_uri, cfg.input_size, synthetic)
-    return compare_caf(cfg, table, out_uri, table, ("test",), progress=progress, seeds=seeds)

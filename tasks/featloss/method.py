@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -94,10 +93,10 @@ VARIANT_TITLES = {
 }
 
 # The comparison of the paper's direction (no feature loss < fixed < adaptive weighting, Table VII) that
-# compare_featloss runs by default.
+# bench/fidelity.py runs (the featloss pipeline, flows/featloss.py, once per seed).
 COMPARE_VARIANTS = ("none", "fixed", "adaptive")
 
-# The synthetic comparison (``fermine featloss compare OUT`` without --table, and compare_featloss): the data
+# The synthetic comparison (the featloss pipeline without a table: ``fermine featloss compare OUT``): the data
 # set and the training settings, shared by every variant (they differ only in the feature-loss terms).
 # storage.synthetic.SyntheticConfig options: the generator's default faces (those `fermine train` and the
 # demo use); 500 training faces per class, since fresh faces teach small_cnn more per CPU second than
@@ -120,9 +119,6 @@ __all__ = [
     "SYNTHETIC_DATA",
     "SYNTHETIC_RECIPE",
     "VARIANTS",
-    "compare_featloss",
-    "paired_difference",
-    "synthetic_table",
     "FeatLoss",
     "FeatLossConfig",
     "FeatLossNet",
@@ -915,122 +911,3 @@ def evaluate_featloss(model_uri: str, table_uri: str, splits: Sequence[str] = ("
     out.update(accuracy_center=c["accuracy"], mean_class_accuracy_center=c["mean_class_accuracy"],
                lambdas=meta.get("lambdas"), test_uri=table_uri, splits=list(splits))
     return out
-
-
-# ---------------------------------------------------------------- the comparison (benchmark entry point)
-
-
-def synthetic_table(out_uri: str, options: dict[str, Any] | None = None) -> str:
-    """The synthetic data set of the comparison (SYNTHETIC_DATA over ``options``), generated once under
-    ``<out>/data/synthetic-<digest of the generator config>`` and reused. ValueError for unknown options."""
-    import hashlib
-
-    from storage.artifact import is_finished, join
-    from storage.ingest import write_image_table
-    from storage.synthetic import config_from_options, generate
-
-    cfg = config_from_options(**{**SYNTHETIC_DATA, **(options or {})})
-    config = dataclasses.asdict(cfg)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    uri = join(out_uri, "data", f"synthetic-{digest}")
-    if not is_finished(uri):
-        write_image_table(generate(cfg), uri, stage="ingest", config={"format": "synthetic", **config})
-    return uri
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Per-seed differences a - b (tasks.metrics.paired_seed_differences) as a JSON-ready dict with mean / se."""
-    from tasks.metrics import paired_seed_differences
-
-    d = paired_seed_differences(b, a)
-    z = d.mean / d.se if d.se > 0 else (float("inf") * np.sign(d.mean) if d.se == 0 and d.mean else float("nan"))
-    return {"diffs": list(d.diffs), "mean": d.mean, "se": d.se, "z": float(z)}
-
-
-def compare_featloss(
-    out_uri: str,
-    table_uri: str | None = None,
-    test_uri: str | None = None,
-    *,
-    variants: Sequence[str] = COMPARE_VARIANTS,
-    seeds: Sequence[int] = (0, 1, 2),
-    config: dict[str, Any] | None = None,
-    features_config: dict[str, Any] | None = None,
-    synthetic: dict[str, Any] | None = None,
-    test_splits: Sequence[str] = ("test",),
-    progress: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train and test every variant once per seed: the comparison as a plain function (for benchmarks).
-
-    ``table_uri=None`` uses the synthetic data set (SYNTHETIC_DATA over ``synthetic``, generated under
-    ``out_uri``) and the training settings SYNTHETIC_RECIPE, the ones ``fermine featloss compare OUT`` uses;
-    ``config`` overrides FeatLossConfig fields (on top of the recipe when synthetic). The features
-    (HandcraftedConfig at the crop side, over ``features_config``) are computed once and shared by every
-    variant and seed. A seed sets initialisation, batch order and augmentation; the data and the test set
-    are the same for every seed and variant.
-
-    Returns (and writes as ``<out>/results.json``) {"variants", "seeds", "per_seed": {variant: [one dict per
-    seed: seed, accuracy, mean_class_accuracy, accuracy_center, lambdas, train_seconds]}, "summary": {variant:
-    {"accuracy_mean", "accuracy_std", ...}}, "paired": {"b-a": paired_difference of test accuracy for each
-    pair of consecutive variants and each variant vs the first}, "seconds", the configs and URIs}.
-    Finished runs under ``out_uri`` are reused.
-    """
-    import hashlib
-
-    from storage.artifact import join
-    from tasks.engine.checkpoint import atomic_write_bytes, dumps_json
-    from tasks.featloss.handcrafted import HandcraftedConfig, compute_features
-
-    t0 = time.time()
-    names = list(variants)
-    unknown = [n for n in names if n not in VARIANTS]
-    if not names or unknown:
-        raise ValueError(f"unknown variant(s) {unknown or 'none given'}; choose from {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
-    synthetic_run = table_uri is None
-    base = FeatLossConfig(**{**(SYNTHETIC_RECIPE if synthetic_run else {}), **(config or {})})
-    cfgs = {n: variant_config(n, base) for n in names}
-    # Synthetic faces are generated at the load size (as by the flow): the five crops need no resize.
-    table = table_uri or synthetic_table(out_uri, {"size": base.load_size, **(synthetic or {})})
-    test = test_uri or table
-    hcfg = HandcraftedConfig(**{"size": base.input_size, "fit_splits": tuple(base.train_splits),
-                                **(features_config or {})})
-    feats = None
-    if any(c.features for c in cfgs.values()):
-        digest = hashlib.sha256(json.dumps(hcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-        feats = join(out_uri, f"features-{digest}")
-        t = time.time()
-        compute_features(table, feats, hcfg, num_classes=base.num_classes)
-        log.info("features %s in %.0f s", feats, time.time() - t)
-    features_seconds = time.time() - t0
-    per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for seed in seeds:
-        for n in names:
-            cfg = dataclasses.replace(cfgs[n], seed=seed)
-            out = join(out_uri, f"seed-{seed}", n)
-            cb = (lambda d, _n=n, _s=seed: progress({**d, "variant": _n, "seed": _s})) if progress else None
-            res = train_featloss(cfg, table, feats if cfg.features else None, out, progress=cb)
-            m = evaluate_featloss(out, test, tuple(test_splits), device=cfg.device)
-            per_seed[n].append({"seed": seed, "accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"],
-                                "accuracy_center": m["accuracy_center"], "val_accuracy": res.val.get("accuracy"),
-                                "lambdas": list(res.lambdas) if res.lambdas else None,
-                                "train_seconds": res.seconds, "checkpoint": out})
-            log.info("seed %d %s: accuracy %.4f", seed, n, m["accuracy"])
-    summary: dict[str, dict[str, float]] = {}
-    for n, rows in per_seed.items():
-        summary[n] = {}
-        for k in ("accuracy", "mean_class_accuracy", "accuracy_center"):
-            v = np.array([r[k] for r in rows], dtype=np.float64)
-            summary[n][f"{k}_mean"] = float(v.mean())
-            summary[n][f"{k}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-    pairs = list(zip(names, names[1:])) + [(names[0], n) for n in names[2:]]
-    acc = {n: [r["accuracy"] for r in rows] for n, rows in per_seed.items()}
-    paired = {f"{b}-{a}": paired_difference(acc[b], acc[a]) for a, b in pairs}
-    result = {"variants": names, "seeds": seeds, "metric": "accuracy", "per_seed": per_seed, "summary": summary,
-              "paired": paired, "table_uri": table, "test_uri": test, "test_splits": list(test_splits),
-              "features_uri": feats, "config": base.to_dict(), "features_config": hcfg.to_dict(),
-              "features_seconds": features_seconds, "seconds": time.time() - t0}
-    atomic_write_bytes(join(out_uri, "results.json"), dumps_json(result).encode())
-    return result
