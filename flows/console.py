@@ -65,6 +65,15 @@ class _StageLines(logging.Handler):
             pass
 
 
+class _NoRunFailures(logging.Filter):
+    """Drops Prefect's task- and flow-run failure records (a traceback each) from the console: the
+    stage's FAILED line and the command's one-line error say it; the log file keeps them whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.name.startswith(("prefect.task_runs",
+                                                                                  "prefect.flow_runs")))
+
+
 def _local_dir(uri: str) -> str | None:
     if "://" in uri and not uri.startswith("file://"):
         return None
@@ -100,9 +109,12 @@ def calm_console(run_uri: str, stream=None) -> Iterator[str | None]:
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved: list[tuple[logging.Handler, int]] = []
-    for h in _prefect_console_handlers():  # Prefect's console lines: warnings and errors only
+    quiet_failures = _NoRunFailures()
+    prefect_handlers = _prefect_console_handlers()
+    for h in prefect_handlers:  # Prefect's console lines: warnings and errors only, run failures once
         saved.append((h, h.level))
         h.setLevel(logging.WARNING)
+        h.addFilter(quiet_failures)
     for name in _MUTED:
         for h in logging.getLogger(name).handlers:
             saved.append((h, h.level))
@@ -127,6 +139,8 @@ def calm_console(run_uri: str, stream=None) -> Iterator[str | None]:
         logging.captureWarnings(False)
         progress.removeHandler(stage_lines)
         progress.setLevel(progress_level)
+        for h in prefect_handlers:
+            h.removeFilter(quiet_failures)
         for h, level in saved:
             h.setLevel(level)
         for lg, level in levels:

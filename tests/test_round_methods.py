@@ -77,3 +77,28 @@ def test_a_round_of_pt_caf_and_featloss_shares_one_aligned_table_and_reports_eac
     again = round_flow(cfg=cfg)  # a rerun reuses every stage and gives the same table
     assert again["sections"] == summary["sections"]
     assert {r["state"] for r in Run(cfg.out).status()} == {"reused"}
+
+
+@pytest.mark.slow
+def test_a_stage_refusing_its_data_is_one_clear_error_and_the_rerun_keeps_finished_stages(tmp_path, capsys):
+    """No validation split for the feature losses' adaptive weighting: the command says so in one line
+    (exit 2, the traceback in the run's log), and finished stages stay finished."""
+    import yaml
+
+    from flows.cli import main
+    from flows.stage import Run
+
+    data = {**TINY_DATA, "options": {**TINY_DATA["options"], "val_per_class": 0}}
+    cfg = {"name": "noval", "out": str(tmp_path / "run"), "pipeline": "round", "methods": ["featloss"],
+           "labeled": data, "align": {"size": 32},
+           "featloss": {"variants": ["none", "adaptive"], "config": {"epochs": 1, "batch_size": 16, "device": "cpu"}}}
+    path = tmp_path / "noval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs labeled validation rows" in err and "Fix that and rerun" in err
+    assert "Traceback" not in err
+    assert "Traceback" in (tmp_path / "run" / "logs" / "run.log").read_text()
+    states = {r["stage"]: r["state"] for r in Run(cfg["out"]).status()}
+    assert states["featloss.train-none"] == "finished" and states["featloss.train-adaptive"] == "failed"

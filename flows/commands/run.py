@@ -21,7 +21,13 @@ def _run_flow(cfg) -> dict:
     with calm_console(cfg.out) as log_path:
         if log_path:
             typer.echo(f"{cfg.name}: pipeline {cfg.pipeline} -> {cfg.out} (details: {log_path})", err=True)
-        return FLOWS[cfg.pipeline](cfg=cfg)
+        try:
+            return FLOWS[cfg.pipeline](cfg=cfg)
+        except (ValueError, KeyError) as e:
+            # A stage refused its input or settings (a missing split, a label it cannot use...): the message
+            # says what; finished stages are kept, so fixing it and rerunning redoes only the rest.
+            where = f" (the traceback is in {log_path})" if log_path else ""
+            raise UserError(f"{e}\nFix that and rerun: finished stages are reused{where}") from None
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
