@@ -62,7 +62,7 @@ class Round:
         self.teacher_cfg = steps.train_config(cfg.teacher, cfg.seed, "teacher")
         self.retrain_cfg = steps.train_config({**cfg.teacher, **cfg.retrain}, cfg.seed, "retrain")
 
-    # ---- data -------------------------------------------------------------------------------
+    # ---- orchestration --------------------------------------------------------------------------
     def pool_stage(self, name: str, config: Any, inputs: dict[str, str], fn: Callable[[str], Any]) -> Any:
         """A stage whose body drives a pool of Ray actors (align, attack, mine). One such stage at a time:
         two pools each holding part of the cluster while waiting for the rest would wait for each other
@@ -89,6 +89,7 @@ class Round:
             futures = [ex.submit(contextvars.copy_context().run, c) for c in chains]
             return [f.result() for f in futures]
 
+    # ---- data -------------------------------------------------------------------------------
     def data(self) -> None:
         c = self.cfg
         sources = [("", c.labeled)] + ([("-pool", c.pool)] if c.pool is not None else []) + [
