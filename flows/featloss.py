@@ -82,6 +82,21 @@ def synthetic_table(run: Run, options: dict[str, Any] | None = None) -> str:
     return stage(run, "data-synthetic", opts, {}, _synthetic(opts)).uri
 
 
+def featloss_configs(config: dict[str, Any], variants: Sequence[str] | None = None,
+                     features_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
+    """(the base FeatLossConfig, one config per variant, the HandcraftedConfig), validated (ConfigError)
+    before any work: unknown variant names and mistyped settings fail here. ``variants`` defaults to
+    tasks.featloss.method.DEFAULT_VARIANTS; the features' size and fit splits to the training's."""
+    from tasks.featloss.handcrafted import HandcraftedConfig
+    from tasks.featloss.method import DEFAULT_VARIANTS, FeatLossConfig, variant_config
+
+    base = build_dataclass(FeatLossConfig, config, "featloss.config")
+    cfgs = {n: variant_config(n, base) for n in (list(variants) if variants else list(DEFAULT_VARIANTS))}
+    hcfg = build_dataclass(HandcraftedConfig, {"size": base.input_size, "fit_splits": list(base.train_splits),
+                                                **(features_config or {})}, "featloss.features_config")
+    return base, cfgs, hcfg
+
+
 def featloss_stages(run: Run, cfgs: dict[str, Any], hcfg: Any, table: str, test: str, splits: Sequence[str], *,
                     prefix: str = "") -> tuple[ResultsTable, dict[str, str]]:
     """The feature-loss stages in ``run`` (names prefixed by ``prefix`` inside a round): the handcrafted
@@ -138,15 +153,10 @@ def featloss_flow(
     size). bench/fidelity.py runs it once per seed (pipeline: featloss).
     ``test_uri`` defaults to the table and ``test_splits`` to ["test"]. Returns the published summary.
     """
-    from tasks.featloss.handcrafted import HandcraftedConfig
-    from tasks.featloss.method import DEFAULT_VARIANTS, SYNTHETIC_RECIPE, FeatLossConfig, variant_config
+    from tasks.featloss.method import SYNTHETIC_RECIPE
 
-    names = list(variants) if variants else list(DEFAULT_VARIANTS)
     recipe = SYNTHETIC_RECIPE if table_uri is None else {}
-    base = build_dataclass(FeatLossConfig, {**recipe, **dict(config or {})}, "featloss")
-    cfgs = {n: variant_config(n, base) for n in names}  # unknown variant names fail before any work
-    hcfg = build_dataclass(HandcraftedConfig, {"size": base.input_size, "fit_splits": list(base.train_splits),
-                                                **(features_config or {})}, "features")
+    base, cfgs, hcfg = featloss_configs({**recipe, **dict(config or {})}, variants, features_config)
     run = Run(out)
     table = table_uri or synthetic_table(run, {"size": base.load_size, **(synthetic or {})})
     test = test_uri or table

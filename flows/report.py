@@ -128,7 +128,7 @@ def _per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _where(p: dict[str, Any]) -> str:
+def where_label(p: dict[str, Any]) -> str:
     """'host / cpu' for a stage placed on a Ray worker, 'host / flow process' for one run by the flow."""
     if not p:
         return ""
@@ -149,7 +149,7 @@ def _stage_rows(run: Run) -> tuple[list[dict[str, Any]], list[tuple[str, str]], 
             # A reused stage has no duration of its own: show what computing it took.
             "seconds": rec.seconds if rec else row.get("seconds"),
             "size": _human(size) if uri else "",
-            "where": _where(row.get("placement") or (rec.placement if rec else {})),
+            "where": where_label(row.get("placement") or (rec.placement if rec else {})),
             "output": (uri or "").rsplit("/", 1)[-1],
         }
         if row.get("error"):

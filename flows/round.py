@@ -305,16 +305,10 @@ class Round:
 
     def featloss(self) -> None:
         """The feature-loss variants on the labeled table (its val split drives adaptive weighting)."""
-        from flows.config import build_dataclass
-        from flows.featloss import featloss_stages
-        from tasks.featloss.handcrafted import HandcraftedConfig
-        from tasks.featloss.method import DEFAULT_VARIANTS, FeatLossConfig, variant_config
+        from flows.featloss import featloss_configs, featloss_stages
 
         options, overrides = self._method_base("featloss")
-        base = build_dataclass(FeatLossConfig, overrides, "featloss.config")
-        cfgs = {n: variant_config(n, base) for n in (options.get("variants") or DEFAULT_VARIANTS)}
-        hcfg = build_dataclass(HandcraftedConfig, {"size": base.input_size, "fit_splits": list(base.train_splits),
-                                                    **(options.get("features_config") or {})}, "featloss.features_config")
+        _, cfgs, hcfg = featloss_configs(overrides, options.get("variants"), options.get("features_config"))
         results, _ = featloss_stages(self.run, cfgs, hcfg, self.uris["labeled"], self.uris["labeled"],
                                      [self.cfg.test_split], prefix="featloss.")
         self.sections["featloss"] = results.records()
@@ -353,28 +347,30 @@ def _load(config_path: str | None, overrides: list[str] | None, cfg: RunConfig |
     return cfg if cfg is not None else load_config(config_path, overrides or [])
 
 
-@flow(name="fermine-round", log_prints=True)
-def round_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
-    """The config's methods (default: PASM and omni) over one ingest -> align -> teacher."""
+def _methods(config_path: str | None, overrides: list[str] | None, cfg: RunConfig | None) -> dict[str, Any]:
     r = Round(_load(config_path, overrides, cfg))
     r.methods()
     return r.finish()
+
+
+# round, pasm and omni are one DAG: the config's `pipeline` picks its default methods (RunConfig.round_methods);
+# they stay three flows so each deployment has its own name in Prefect.
+@flow(name="fermine-round", log_prints=True)
+def round_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """The config's methods (default: PASM and omni) over one ingest -> align -> teacher."""
+    return _methods(config_path, overrides, cfg)
 
 
 @flow(name="fermine-pasm", log_prints=True)
 def pasm_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
     """teacher -> (attack -> erase -> student) x N, with Table VII's conditions."""
-    r = Round(_load(config_path, overrides, cfg))
-    r.methods()
-    return r.finish()
+    return _methods(config_path, overrides, cfg)
 
 
 @flow(name="fermine-omni", log_prints=True)
 def omni_flow(config_path: str | None = None, overrides: list[str] | None = None, cfg: RunConfig | None = None) -> dict[str, Any]:
     """primitive model -> centroids -> mine -> distill -> retrain with VAS and DAS -> evaluate."""
-    r = Round(_load(config_path, overrides, cfg))
-    r.methods()
-    return r.finish()
+    return _methods(config_path, overrides, cfg)
 
 
 @flow(name="fermine-align", log_prints=True)

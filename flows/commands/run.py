@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
         rows = r.status()
         if not rows:
             raise UserError(f"{run} has no recorded stages; is it a run folder (the config's `out`)?")
-        from flows.report import _where
+        from flows.report import where_label
         from flows.stage import read_record
 
         t = Table(title=f"run {run}")
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
             secs = row.get("seconds") if row.get("seconds") is not None else (rec.seconds if rec else None)
             placement = row.get("placement") or (rec.placement if rec else {})
             started = placement.get("started") or (rec.started if rec else None)
-            t.add_row(row["stage"], row["state"], "" if secs is None else f"{secs:.1f}", _where(placement),
+            t.add_row(row["stage"], row["state"], "" if secs is None else f"{secs:.1f}", where_label(placement),
                       "" if started is None else time.strftime("%H:%M:%S", time.localtime(started)),
                       f"{fs_size(row['uri']) / 1e6:.1f} MB", row["uri"].rsplit("/", 1)[-1])
         (Console() if sys.stdout.isatty() else Console(width=160)).print(t)  # logs and pipes: no 80-column cut
