@@ -130,6 +130,13 @@ def test_table7_recipe_is_the_teachers_without_teacher_term():
     no_teacher = replace(pasm, no_teacher=True)
     s = student_train_config(teacher, no_teacher)
     assert (s.epochs, s.beta) == (15, 0.0) and not no_teacher.student_from_teacher
+    # The student's learning rate is the teacher's unless student_lr names one; Table VII's conditions keep
+    # the teacher's recipe whatever it says.
+    assert student_train_config(teacher, pasm).lr == 0.02
+    assert student_train_config(teacher, replace(pasm, student_lr=0.002)).lr == 0.002
+    assert student_train_config(teacher, replace(pasm, student_lr=0.002, no_teacher=True)).lr == 0.02
+    with pytest.raises(ValueError, match="student_lr"):
+        PasmConfig(student_lr=0.0).validate()
     with pytest.raises(ValueError, match="compare"):
         PasmConfig(compare=("mixup",)).validate()
 

@@ -59,6 +59,9 @@ class PasmConfig:
     student_epochs: int | None = None  # None = train.epochs
     student_init: str = "teacher"  # "teacher": refine the teacher's weights | "scratch": like the first teacher
     student_data: str = "erased"  # "erased": x' only (Eq. 4) | "both": originals + erased
+    # The student's initial learning rate; None = the teacher's (the paper trains both with one recipe).
+    # A student refining the teacher's converged weights may want the teacher's final rate instead.
+    student_lr: float | None = None
     random_erasing: bool = False  # ablation: the rounds erase at random positions instead of the attacked ones
     no_teacher: bool = False  # ablation: "PASM w/o teacher" (CE only, beta = 0, the teacher's initialisation)
     compare: tuple[str, ...] = COMPARISONS  # Table VII's conditions trained beside the rounds (see above)
@@ -84,6 +87,8 @@ class PasmConfig:
             raise ValueError(f"random_erasing_p is a probability in (0, 1], got {self.random_erasing_p}")
         if self.student_epochs is not None and self.student_epochs < 1:
             raise ValueError("student_epochs must be >= 1")
+        if self.student_lr is not None and self.student_lr <= 0:
+            raise ValueError("student_lr must be > 0 (or null: the teacher's)")
         self.attack.validate()
         self.erase.validate()
         return self
@@ -126,7 +131,7 @@ def student_train_config(teacher_cfg: TrainConfig, cfg: PasmConfig, seed: int | 
     if cfg.no_teacher:
         return baseline_train_config(teacher_cfg, seed)
     return replace(teacher_cfg, alpha=cfg.alpha, beta=cfg.beta if cfg.uses_teacher else 0.0,
-                   epochs=cfg.student_epochs or teacher_cfg.epochs, seed=seed)
+                   epochs=cfg.student_epochs or teacher_cfg.epochs, lr=cfg.student_lr or teacher_cfg.lr, seed=seed)
 
 
 def baseline_train_config(teacher_cfg: TrainConfig, seed: int, random_erasing: float = 0.0) -> TrainConfig:
