@@ -33,10 +33,14 @@ class DataSource(BaseModel):
     # Overrides of the run's `align` section for this source only, e.g. {detect: never} for
     # releases that ship aligned crops (MS1M 112 x 112, FER2013 48 x 48): no MTCNN pass over them.
     align: dict[str, Any] = Field(default_factory=dict)
+    # A source with random access (ms1m with its .idx, folder, fer2013) is ingested in parts on the run's
+    # Ray workers, which then read ROOT themselves; false reads it in the flow's process (ROOT only on the
+    # machine that runs the flow). The table is the same either way.
+    parallel: bool = True
 
     def ingest_config(self) -> dict[str, Any]:
         """What the ingest stage reads by (its identity and manifest): everything but the align overrides."""
-        return self.model_dump(mode="json", exclude={"align", "name"})
+        return self.model_dump(mode="json", exclude={"align", "name", "parallel"})
 
 
 class RaySection(BaseModel):
@@ -53,6 +57,9 @@ class RaySection(BaseModel):
     # Independent chains of stages in flight at once at each fork of the DAG (0: as many as there are;
     # the cluster's resources bound what computes at once); 1 runs the round one stage at a time.
     max_parallel: int = Field(default=0, ge=0)
+    # A stage asking for more than any node holds is refused at once (0), or after waiting this many seconds
+    # for nodes to join (an autoscaling cluster whose GPU group starts at 0 nodes).
+    wait_for_resources_s: float = Field(default=0.0, ge=0)
     log_to_driver: bool = False  # true: show Ray actors' own output (TensorFlow banners...) in the console
 
 

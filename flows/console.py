@@ -74,6 +74,16 @@ class _NoRunFailures(logging.Filter):
                                                                                   "prefect.flow_runs")))
 
 
+def run_log_path(run_uri: str) -> str | None:
+    """The run's log file on this machine's file system (None for a remote run folder or before the run
+    has one)."""
+    local = _local_dir(run_uri)
+    if local is None:
+        return None
+    path = os.path.join(local, LOG_FILE)
+    return path if os.path.isdir(os.path.dirname(path)) else None
+
+
 def _local_dir(uri: str) -> str | None:
     if "://" in uri and not uri.startswith("file://"):
         return None

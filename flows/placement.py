@@ -16,14 +16,25 @@ class RayPlacer:
 
     section: RaySection
 
-    def __call__(self, fn: Callable[[str], Any], out: str) -> dict[str, Any]:
+    def __call__(self, fn: Callable[[str], Any], out: str, workers: int = 1) -> dict[str, Any]:
+        """``workers`` > 1: a data-parallel training on that many Ray Train workers (workers/train.py)."""
+        import os
+
+        from flows.console import run_log_path
         from flows.steps import connect_ray
         from workers.placement import Resources, run_placed
 
-        connect_ray(self.section)
         s = self.section
+        log_file = run_log_path(os.path.dirname(out.rstrip("/")))  # stage folders sit in the run folder
         res = Resources(cpus=s.cpus_per_worker, gpus=s.gpus_per_worker, memory_gb=s.memory_gb_per_worker)
-        return run_placed(fn, out, res).to_dict()
+        if workers > 1:
+            from workers.train import run_data_parallel
+
+            connect_ray(s)
+            return run_data_parallel(fn, out, workers, res, log_file=log_file,
+                                     wait_s=s.wait_for_resources_s).to_dict()
+        connect_ray(s)
+        return run_placed(fn, out, res, log_file=log_file, wait_s=s.wait_for_resources_s).to_dict()
 
 
 def placer_for(section: RaySection) -> RayPlacer | None:

@@ -7,6 +7,7 @@ off and a task returns only the small StageRecord.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Mapping
 
 from prefect import task
@@ -14,6 +15,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows.stage import Placer, Run, StageRecord
+
+
+def _workers(name: str, config: Any, fn: Callable[[str], Any]) -> int:
+    """The data-parallel workers a compute stage asks for: its body's ``workers`` (flows.steps.train and
+    student, the supervised trainings); any other stage whose config asks for more than one is refused."""
+    if hasattr(fn, "workers"):
+        return int(fn.workers)
+    asked = int(getattr(config, "workers", 1) or 1)
+    if asked > 1:
+        raise ValueError(f"{name}: workers: {asked} is for the supervised trainings (teacher, PASM students, "
+                         "retraining); this stage trains on one worker: set its workers: 1")
+    return 1
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -43,4 +56,10 @@ def stage(
     if ray:
         opts.update(retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
     placer = run.placer if compute else None
+    workers = _workers(name, config, fn) if compute else 1
+    if workers > 1:
+        if placer is None:
+            raise ValueError(f"{name}: workers: {workers} trains on Ray Train workers; set ray.place_compute: true "
+                             "(or workers: 1)")
+        placer = partial(placer, workers=workers)
     return _stage_task.with_options(**opts)(run.root, name, config, inputs, fn, placer)

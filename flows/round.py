@@ -105,7 +105,7 @@ class Round:
         finished image table (format "table") is used as it is."""
         if src.format == steps.TABLE:
             return src.root
-        raw = stage(self.run, f"ingest{suffix}", src.ingest_config(), {}, steps.ingest(src))
+        raw = stage(self.run, f"ingest{suffix}", src.ingest_config(), {}, steps.ingest(src, self.cfg.ray))
         align_cfg = steps.align_config({**self.cfg.align, **src.align})
         return self.pool_stage(f"align{suffix}", align_cfg, {"images": raw.uri},
                                steps.align(align_cfg, raw.uri, self.cfg.ray)).uri

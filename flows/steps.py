@@ -246,7 +246,7 @@ def _pool(section: RaySection, gpu: bool):
     from workers.sharded import PoolConfig
 
     return PoolConfig(num_actors=section.workers, num_cpus=section.cpus_per_worker,
-                      num_gpus=section.gpus_per_worker if gpu else 0.0)
+                      num_gpus=section.gpus_per_worker if gpu else 0.0, wait_s=section.wait_for_resources_s)
 
 
 # ---- stage bodies ---------------------------------------------------------------------------
@@ -261,16 +261,29 @@ def _committed(out: str) -> bool:
     return is_finished(out)
 
 
-def ingest(src: DataSource) -> StageFn:
+def ingest(src: DataSource, ray_section: RaySection | None = None) -> StageFn:
+    """Read a data set into an image table. With ``ray_section`` and a source with random access
+    (storage.readers.Splittable: an indexed RecordIO, a folder tree, a csv), in parts of
+    ``rows_per_shard`` entries on the run's Ray workers, resumable part by part; else in this process."""
     def fn(out: str) -> None:
         from storage.ingest import write_image_table
-        from storage.readers import get_reader
+        from storage.readers import get_reader, get_splittable
 
         if _committed(out):
             return
-        records = get_reader(src.format)(src.root, **src.options)
-        write_image_table(records, out, stage=f"ingest.{src.format}", config=src.ingest_config(),
-                          rows_per_shard=src.rows_per_shard)
+        stage, config = f"ingest.{src.format}", src.ingest_config()
+        split = get_splittable(src.format) if ray_section is not None and src.parallel else None
+        entries = split.entries(src.root, **src.options) if split is not None else None
+        if entries is None:
+            records = get_reader(src.format)(src.root, **src.options)
+            write_image_table(records, out, stage=stage, config=config, rows_per_shard=src.rows_per_shard)
+            return
+        from workers.ingest import ingest_parts, part_count
+
+        connect_ray(ray_section)
+        ingest_parts(split.read_entries, entries, out, stage=stage, config=config, part_size=src.rows_per_shard,
+                     pool=_pool(ray_section, gpu=False),
+                     on_part=shard_logger(stage, part_count(len(entries), src.rows_per_shard)))
 
     return fn
 
@@ -294,6 +307,7 @@ def train(cfg: Any, uris: Sequence[str], teacher_uri: str | None = None) -> Stag
 
         run_train(cfg, list(uris), out, progress=epoch_logger("train", cfg.epochs))
 
+    fn.workers = cfg.workers  # type: ignore[attr-defined]  # the supervised method trains data-parallel
     return fn
 
 
@@ -347,6 +361,7 @@ def student(train_cfg: Any, pasm_cfg: Any, erased_uri: str, images_uri: str, tea
         train_student(train_cfg, pasm_cfg, erased_uri, images_uri, teacher_uri, out,
                       progress=epoch_logger("student", train_cfg.epochs))
 
+    fn.workers = train_cfg.workers  # type: ignore[attr-defined]  # the supervised method, as train
     return fn
 
 

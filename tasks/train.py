@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from storage.artifact import Artifact
 from tasks.data import MEAN, STD, normalize
 from tasks.engine import Recipe, StepContext, build_optimizer, fit
+from tasks.engine.checkpoint import weights_digest
+from tasks.engine.distributed import current_world
 from tasks.engine.loaders import labeled_source, load_labeled
 from tasks.engine.method import Method
 from tasks.engine.seeding import FLIP, TRANSFORM
-from tasks.engine.checkpoint import weights_digest
-from tasks.pasm.erase import random_erasing_batch
 from tasks.models import FERNet, build_model, load_pretrained
+from tasks.pasm.erase import random_erasing_batch
 
 __all__ = ["Supervised", "TrainConfig", "TrainResult", "load_labeled", "train", "training_loss"]
 
@@ -131,6 +132,7 @@ class Supervised(Method):
     """Cross-entropy on labeled tables, optionally with PASM Eq. 4's frozen teacher term."""
 
     name = "supervised"
+    data_parallel = True
 
     def __init__(self, cfg: TrainConfig, train_uris: Sequence[str], *, teacher: FERNet | None = None,
                  init_from: str | None = None, val_uri: str | None = None,
@@ -182,7 +184,7 @@ class Supervised(Method):
 
     def batches(self, epoch: int, ctx: StepContext) -> Iterable[Any]:
         self.model.train()
-        self._flip, self._tf = ctx.generator(FLIP), ctx.generator(TRANSFORM)
+        self._flip, self._tf = ctx.sample_generator(FLIP), ctx.sample_generator(TRANSFORM)
         return self.source.batches(epoch)
 
     def training_step(self, batch: Any, ctx: StepContext) -> dict[str, Any]:
@@ -311,7 +313,7 @@ def train(
 
     res = fit(method, out_uri, config=cfg.to_dict(), inputs=inputs, log_every=cfg.log_every, resume=resume,
               progress=events if (progress or on_batch) else None, **cfg.fit_options())
-    if not res.reused:
+    if not res.reused and current_world().primary:
         _draw(method, cfg, uris, res.history, out_uri.rstrip("/"))
     return TrainResult(out_uri, res.metrics, res.history)
 

@@ -1,3 +1,6 @@
+"""Stages and runs: identity, reuse, resume, records, where a stage ran, locks, the timeline, the run log."""
+
+import os
 
 import pytest
 
@@ -248,3 +251,41 @@ def test_report_draws_the_timeline_by_where_stages_ran(tmp_path):
     svg = _timeline_svg(rows)
     assert svg.count("<rect") == 2 and "w1 / cpu" in svg and "flow process" in svg
     assert _timeline_svg([]) == ""
+
+
+def _logs_two_epochs(out: str) -> None:
+    import logging
+
+    os.makedirs(out, exist_ok=True)
+    for e in (1, 2):
+        logging.getLogger("fermine.stage").info("train: epoch %d/2, loss 0.5", e)
+
+
+def test_a_placed_stage_writes_its_progress_to_the_run_log(tmp_path, ray_local):
+    from flows.config import RaySection
+    from flows.placement import RayPlacer
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    where = RayPlacer(RaySection(num_cpus=2))(_logs_two_epochs, str(run / "teacher-abc"))
+    assert where["pid"] != os.getpid()  # it ran in a Ray worker ...
+    lines = (run / "logs" / "run.log").read_text().splitlines()
+    # ... and its epoch lines reached the run's log, with the worker's pid
+    assert [ln.split(": ", 1)[1] for ln in lines if "epoch" in ln] == ["train: epoch 1/2, loss 0.5",
+                                                                        "train: epoch 2/2, loss 0.5"]
+    assert f"pid {where['pid']}" in lines[0]
+
+
+def test_a_request_no_node_can_hold_is_refused_not_queued_forever(tmp_path, ray_local):
+    from workers.cluster import ResourcesUnavailableError, workers_fitting
+    from workers.placement import Resources, run_placed
+    from workers.train import run_data_parallel
+
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 4.0}]
+    assert workers_fitting(nodes, {"CPU": 4.0, "GPU": 1.0}) == 2  # the GPU node holds two, the CPU node none
+    assert workers_fitting(nodes, {"CPU": 2.0, "GPU": 0.0}) == 6
+    with pytest.raises(ResourcesUnavailableError, match=r"1 GPU.*ray.gpus_per_worker"):
+        run_placed(_logs_two_epochs, str(tmp_path / "teacher-x"), Resources(cpus=1, gpus=1))
+    with pytest.raises(ResourcesUnavailableError, match=r"3 x \(1 CPU\)"):
+        run_data_parallel(_logs_two_epochs, str(tmp_path / "teacher-y"), 3, Resources(cpus=1))
+    assert not (tmp_path / "teacher-x").exists()  # refused before anything ran

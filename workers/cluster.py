@@ -88,5 +88,47 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+class ResourcesUnavailableError(RuntimeError):
+    """No node of the cluster can give a stage what it asks for; the message says what to change."""
+
+
+def _node_totals() -> list[dict[str, float]]:
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def workers_fitting(nodes: list[dict[str, float]], need: dict[str, float]) -> int:
+    """How many workers each asking ``need`` (Ray resource name -> amount) the nodes hold at once, in total."""
+    total = 0
+    for node in nodes:
+        per = [node.get(k, 0.0) / v for k, v in need.items() if v > 0]
+        total += int(min(per) + 1e-9) if per else 1_000_000
+    return total
+
+
+def require_resources(need: dict[str, float], count: int = 1, what: str = "a stage", wait_s: float = 0.0,
+                      poll_s: float = 5.0) -> None:
+    """Refuse at once (or after ``wait_s`` seconds of waiting for nodes to join, on an autoscaling cluster)
+    a request no node of the cluster can ever satisfy: Ray would queue it forever, and the run would
+    hang without a word."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = _node_totals()
+        if workers_fitting(nodes, need) >= count:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    asked = ", ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+    have = "; ".join(", ".join(f"{v:g} {k}" for k, v in sorted(n.items()) if k in need or k in ("CPU", "GPU"))
+                     for n in nodes) or "no live node"
+    raise ResourcesUnavailableError(
+        f"{what} asks for {count} x ({asked}) but the cluster's nodes cannot hold that ({have})"
+        + (f", after waiting {wait_s:g} s" if wait_s else "")
+        + ". Lower ray.cpus_per_worker / ray.gpus_per_worker (0 = CPU) or the workers, join a cluster that has "
+        "them, or on an autoscaling cluster set ray.wait_for_resources_s to wait for nodes to start")
+
+
 def gpus_available() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0

@@ -42,6 +42,7 @@ class PoolConfig:
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor; 0 = CPU
     max_retries: int = 3  # per shard, for application errors; killed workers are restarted by Ray
+    wait_s: float = 0.0  # how long to wait for nodes that can hold the actors (autoscaling clusters)
 
 
 def default_pool(workers: int | None = None, *, gpus_per_worker: float | None = None,
@@ -123,8 +124,14 @@ def run_sharded(
     todo = [i for i, n in enumerate(names) if n not in done]
     if done:
         log.info("%s: %d of %d shards already done, resuming", stage, len(done), len(names))
+    from workers.cluster import require_resources
+
+    n_actors = max(1, min(pool.num_actors, len(todo) or 1))
+    # Every actor is handed shards: one that can never start would hold its shard, and the stage, forever.
+    require_resources({"CPU": pool.num_cpus, "GPU": pool.num_gpus}, n_actors, f"{stage} ({n_actors} actors)",
+                      pool.wait_s)
     actor_opts = dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=-1, max_task_retries=3)
-    actors = [ShardActor.options(**actor_opts).remote(factory) for _ in range(max(1, min(pool.num_actors, len(todo) or 1)))]
+    actors = [ShardActor.options(**actor_opts).remote(factory) for _ in range(n_actors)]
     attempts: dict[int, int] = {}
     inflight: dict[ray.ObjectRef, tuple[int, Any]] = {}
     idle = list(actors)

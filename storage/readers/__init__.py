@@ -1,16 +1,37 @@
 """Readers for public FER data sets, each mapping its labels to storage.schema.CLASSES.
 
-Each reader is ``read(root, **options) -> Iterator[Record]`` and is looked up by name.
+Each reader is ``read(root, **options) -> Iterator[Record]`` and is looked up by name. A reader whose
+source has random access (an indexed RecordIO, an image folder tree, a csv file) also registers a
+``Splittable``: its entries listed once, read a slice at a time, for ingesting a source in parallel parts.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 
-from storage.readers.base import DatasetFormatError, Reader, Record, Reject
+from storage.readers.base import DatasetFormatError, Entries, Reader, Record, Reject
 
 READERS: dict[str, Reader] = {}
+
+
+@dataclass(frozen=True)
+class Splittable:
+    """How to read a source in parts.
+
+    ``entries(root, **options)`` lists what the reader would read, in its order (None when this
+    particular source has no random access, e.g. a RecordIO file without its .idx: read it with the
+    plain reader). ``read_entries(entries[a:b])`` yields the records of entries a..b-1. Reading every
+    slice in order yields exactly what ``read(root, **options)`` yields: the same rows and rejects in
+    the same order. Both are module-level functions, so they pickle by reference to other processes.
+    """
+
+    entries: Callable[..., Entries | None]
+    read_entries: Callable[[Entries], Iterator[Record]]
+
+
+SPLITTABLE: dict[str, Splittable] = {}
 
 
 def register(name: str):
@@ -19,6 +40,18 @@ def register(name: str):
         return fn
 
     return deco
+
+
+def register_splittable(name: str, entries: Callable[..., Entries | None],
+                        read_entries: Callable[[Entries], Iterator[Record]]) -> None:
+    """Declare that reader ``name`` can list its entries and read slices of them (see Splittable)."""
+    SPLITTABLE[name] = Splittable(entries, read_entries)
+
+
+def get_splittable(name: str) -> Splittable | None:
+    """The Splittable of reader ``name``, or None when it only streams (KeyError for an unknown name)."""
+    get_reader(name)
+    return SPLITTABLE.get(name)
 
 
 def get_reader(name: str) -> Reader:
@@ -71,5 +104,6 @@ def _load_all() -> None:
                 raise
 
 
-__all__ = ["READERS", "DatasetFormatError", "Reader", "Record", "Reject", "available", "check_options", "get_reader",
-           "reader_options", "register"]
+__all__ = ["READERS", "SPLITTABLE", "DatasetFormatError", "Entries", "Reader", "Record", "Reject", "Splittable",
+           "available", "check_options", "get_reader", "get_splittable", "reader_options", "register",
+           "register_splittable"]

@@ -4,19 +4,20 @@
 2 fear, 3 happy, 4 sad, 5 surprise, 6 neutral; ``Usage`` Training / PublicTest / PrivateTest
 becomes train / val / test. Images are stored as gray PNGs (decode gives RGB). Row ``i`` (0-based,
 header excluded) gets id ``fer2013/{i:05d}``: FERPlus names the same row ``fer{i:07d}.png``.
+Splittable: ``entries`` records where each row starts in the file, a slice is parsed from there.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from typing import Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
 from storage.images import encode
-from storage.readers import register
-from storage.readers.base import DatasetFormatError, Record, Reject
+from storage.readers import register, register_splittable
+from storage.readers.base import DatasetFormatError, Entries, Record, Reject
 from storage.schema import CLASS_INDEX
 
 SOURCE = "fer2013"
@@ -91,13 +92,80 @@ def usage_split(usage: str) -> str | None:
 def read(root: str) -> Iterator[Record]:
     """ROOT: fer2013.csv or the folder holding it. No options."""
     path = find_csv(root)
-    return _records(path, csv_columns(path, ("emotion", "pixels", "Usage")))
+    cols = csv_columns(path, ("emotion", "pixels", "Usage"))
+    return _records(cols, ((i, row) for i, (_, row) in enumerate(_rows_from(path, 0, header=True))))
 
 
-def _records(path: str, cols: dict[str, int]) -> Iterator[Record]:
+def entries(root: str) -> Entries:
+    """The byte offset at which each data row starts (one csv pass), so a slice is read from its first
+    row on instead of parsing every row before it."""
+    path = find_csv(root)
+    cols = csv_columns(path, ("emotion", "pixels", "Usage"))
+    starts = np.fromiter((start for start, _ in _rows_from(path, 0, header=True)), dtype=np.int64)
+    return Entries({"row": np.arange(len(starts), dtype=np.int64), "start": starts}, {"path": path, "cols": cols})
+
+
+def read_entries(part: Entries) -> Iterator[Record]:
+    return _records(part.context["cols"], _slice_rows(part.context["path"], part))
+
+
+register_splittable("fer2013", entries, read_entries)
+
+
+class _Lines:
+    """The decoded lines of a binary file from ``offset`` on, counting the bytes consumed: csv.reader
+    pulls one line at a time, so ``pos`` before each row is where that row starts.
+
+    Lines end at \n, \r\n or a lone \r, as in text mode with newline="" (what csv expects).
+    """
+
+    def __init__(self, f: BinaryIO, offset: int):
+        self.f, self.pos = f, offset
+        f.seek(offset)
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self.f:
+            for piece in raw.splitlines(keepends=True):
+                self.pos += len(piece)
+                yield piece.decode("utf-8")
+
+
+def _rows_from(path: str, offset: int, header: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """(start offset, fields) of each csv row from byte ``offset`` on; ``header`` skips the first row."""
+    with open(path, "rb") as f:
+        lines = _Lines(f, offset)
+        reader = csv.reader(lines)
+        if header:
+            next(reader, None)
+        while True:
+            start = lines.pos
+            row = next(reader, None)
+            if row is None:
+                return
+            yield start, row
+
+
+def _slice_rows(path: str, part: Entries) -> Iterator[tuple[int, list[str]]]:
+    """(row index, fields) of the consecutive rows of ``part``, read from its first row's offset on."""
+    rows, starts = part.columns["row"].tolist(), part.columns["start"].tolist()
+    if not rows:
+        return
+    got = _rows_from(path, starts[0])
+    try:
+        for i, want in zip(rows, starts):
+            start, row = next(got, (None, None))
+            if start != want:  # rows moved: the file was changed after its rows were listed
+                raise DatasetFormatError(f"{path} changed while it was being ingested (row {i} is no longer at "
+                                         f"byte {want}); ingest it again from the start into a new output")
+            yield i, row
+    finally:
+        got.close()  # the rows after the slice are not read: close the file now
+
+
+def _records(cols: dict[str, int], rows: Iterable[tuple[int, list[str]]]) -> Iterator[Record]:
     ie, ip, iu = cols["emotion"], cols["pixels"], cols["Usage"]
     width = max(ie, ip, iu) + 1
-    for i, row in enumerate(csv_rows(path)):
+    for i, row in rows:
         rid = f"{SOURCE}/{i:05d}"
         if len(row) < width:
             yield Reject(rid, f"bad line: {len(row)} fields, expected at least {width}")

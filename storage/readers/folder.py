@@ -4,17 +4,20 @@ Class folder names match the 7 classes case-insensitively, plus common aliases (
 happiness, sadness, surprised, fearful, disgusted, ...). A ``contempt`` folder is not an error:
 its images become rejects (contempt is not a basic class). Any other folder name is an error that
 lists the valid names, unless ``unlabeled=true``: then every image under ROOT is an unlabeled
-pool (split "pool"). Images may sit in nested folders below a class folder.
+pool (split "pool"). Images may sit in nested folders below a class folder. Splittable: the file
+list is made once, any slice of it is read on its own (parallel ingest).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from storage.readers import register
+import numpy as np
+
+from storage.readers import register, register_splittable
 from storage.readers._common import IMAGE_EXTS, as_bool, list_images, load_image, require_dir, subdirs
-from storage.readers.base import DatasetFormatError, Record, Reject
+from storage.readers.base import DatasetFormatError, Entries, PackedStrings, Record, Reject
 from storage.schema import CLASS_INDEX, CLASSES
 
 ALIASES = {
@@ -43,14 +46,47 @@ def _valid_names() -> str:
     return ", ".join(sorted(set(ALIASES) | set(NOT_BASIC)))
 
 
+# What an entry of a folder tree becomes: (label, split, reason); a reason makes every image of the
+# group a Reject without reading it (loose images next to the class folders, contempt/).
+_Group = tuple[int | None, str, str | None]
+_LOOSE: _Group = (None, "", "unlabeled: image is not inside a class folder")
+
+
 @register("folder")
 def read(root: str, *, split: Any = "train", unlabeled: Any = False, source: Any = "folder") -> Iterator[Record]:
     """Options: split (split name for the flat root/<class>/ layout, default train), unlabeled
     (every image under ROOT is an unlabeled pool image, split "pool"), source (data set name, default folder)."""
-    require_dir(root, "an image folder tree")
     source = str(source)
+    folders, groups = _layout(root, split, unlabeled, source)
+    return _read(root, source, groups, _plan(root, folders))
+
+
+def entries(root: str, *, split: Any = "train", unlabeled: Any = False, source: Any = "folder") -> Entries:
+    """Every image file ``read`` reads, in its order: the path below ROOT and the index of its group."""
+    source = str(source)
+    folders, groups = _layout(root, split, unlabeled, source)
+    plan = list(_plan(root, folders))
+    group = np.fromiter((g for g, _ in plan), dtype=np.int32, count=len(plan))
+    rels = PackedStrings.from_iter(rel for _, rel in plan)
+    return Entries({"group": group, "rel": rels}, {"root": root, "source": source, "groups": groups})
+
+
+def read_entries(part: Entries) -> Iterator[Record]:
+    ctx = part.context
+    return _read(ctx["root"], ctx["source"], ctx["groups"], part.rows())
+
+
+register_splittable("folder", entries, read_entries)
+
+
+def _layout(root: str, split: Any, unlabeled: Any, source: str) -> tuple[list[str | None], list[_Group]]:
+    """(folder of each group, what its images become); folder None = the images directly in ROOT.
+
+    Checked eagerly: a wrong layout fails before any output is written.
+    """
+    require_dir(root, "an image folder tree")
     if as_bool(unlabeled, "unlabeled"):
-        return _walk(root, root, source, None, "pool")
+        return [root], [(None, "pool", None)]
     top = subdirs(root)
     if top and all(_is_class_dir(d) for d in top):
         jobs = [(os.path.join(root, d), d, str(split)) for d in top]
@@ -69,36 +105,47 @@ def read(root: str, *, split: Any = "train", unlabeled: Any = False, source: Any
             f"{root}: {what}. Expected ROOT/<class>/*.jpg or ROOT/<split>/<class>/*.jpg with class folders named "
             f"one of: {_valid_names()}. For images without labels pass the option unlabeled=true"
         )
-    return _labeled(root, jobs, source)
-
-
-def _labeled(root: str, jobs: list[tuple[str, str, str]], source: str) -> Iterator[Record]:
     # Images lying next to the class folders have no class: say so instead of skipping them.
-    for name in list_images(root):
-        yield Reject(f"{source}/{os.path.splitext(name)[0]}", "unlabeled: image is not inside a class folder")
-    for path, cls, split in jobs:
+    folders: list[str | None] = [None]
+    groups: list[_Group] = [_LOOSE]
+    for path, cls, split_name in jobs:
         name = class_of(cls)
-        if name is None:  # a known non-basic class such as contempt: no need to decode
-            for rid, _ in _files(root, path, source):
-                yield Reject(rid, f"{cls.lower()}: not a basic class")
-            continue
-        yield from _walk(root, path, source, CLASS_INDEX[name], split)
+        folders.append(path)
+        # A known non-basic class such as contempt: rejected without decoding.
+        groups.append((None, split_name, f"{cls.lower()}: not a basic class") if name is None
+                      else (CLASS_INDEX[name], split_name, None))
+    return folders, groups
 
 
-def _files(root: str, folder: str, source: str) -> Iterator[tuple[str, str]]:
-    """(id, path) of every image file below ``folder``, in a stable (sorted) order."""
+def _plan(root: str, folders: list[str | None]) -> Iterator[tuple[int, str]]:
+    """(group index, path below ROOT) of every image file, group by group, in a stable order."""
+    for g, folder in enumerate(folders):
+        if folder is None:
+            for name in list_images(root):
+                yield g, name
+        else:
+            for rel in _files(root, folder):
+                yield g, rel
+
+
+def _files(root: str, folder: str) -> Iterator[str]:
+    """The path below ``root`` of every image file below ``folder``, in a stable (sorted) order."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fname in sorted(filenames):
             if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTS):
                 continue
-            rel = os.path.relpath(os.path.join(dirpath, fname), root)
-            yield f"{source}/{os.path.splitext(rel)[0].replace(os.sep, '/')}", os.path.join(dirpath, fname)
+            yield os.path.relpath(os.path.join(dirpath, fname), root)
 
 
-def _walk(root: str, folder: str, source: str, label: int | None, split: str) -> Iterator[Record]:
-    for rid, path in _files(root, folder, source):
-        got = load_image(rid, path)
+def _read(root: str, source: str, groups: list[_Group], plan: Iterable[tuple[int, str]]) -> Iterator[Record]:
+    for g, rel in plan:
+        label, split, reason = groups[g]
+        rid = f"{source}/{os.path.splitext(rel)[0].replace(os.sep, '/')}"
+        if reason is not None:
+            yield Reject(rid, reason)
+            continue
+        got = load_image(rid, os.path.join(root, rel))
         if isinstance(got, Reject):
             yield got
             continue

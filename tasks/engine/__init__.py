@@ -5,7 +5,8 @@ A method (PASM's supervised student, Progressive Teacher, CAF, the feature-loss 
 training step. The engine owns the rest, once for all: device, AMP and channels_last, the seeding rule,
 the learning-rate schedule, gradient clipping and the divergence guard, progress events, validation,
 ``last.pt`` resume (refused, naming what differs, when the config or an input changed) and the final
-``model.pt`` + ``model.json`` checkpoint.
+``model.pt`` + ``model.json`` checkpoint; and data-parallel training over N workers for the methods that
+allow it (tasks.engine.distributed).
 """
 
 from tasks.engine.loop import FitResult, StepContext, fit

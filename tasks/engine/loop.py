@@ -1,5 +1,8 @@
 """The training loop of every method: epochs of steps, schedule, AMP, guard, resume, checkpoint.
 
+Run as one of N data-parallel workers (a torch.distributed process group, workers/train.py), each worker
+trains on its slice of every batch and worker 0 alone writes (tasks.engine.distributed).
+
 Layout of ``out_uri`` (local path or fsspec URI), the same for every method:
 
 * ``last.pt``: after every epoch, atomically: the method's state, every optimiser, the AMP scaler, the
@@ -21,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from tasks.device import resolve_device
 from tasks.engine.checkpoint import (
     META_FILE,
     _fs,
@@ -30,7 +34,18 @@ from tasks.engine.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from tasks.device import resolve_device
+from tasks.engine.distributed import (
+    World,
+    average_buffers,
+    average_gradients,
+    average_scalars,
+    barrier,
+    broadcast_modules,
+    current_world,
+    leading_size,
+    shard_batch,
+    sum_int,
+)
 from tasks.engine.method import Method
 from tasks.engine.resume import RUNTIME_FIELDS, check_same_run, fingerprint
 from tasks.engine.schedule import Schedule
@@ -52,8 +67,10 @@ class FitResult:
 class StepContext:
     """What a method's code sees of the engine: device, AMP, the position, seeded generators, stepping."""
 
-    def __init__(self, device: torch.device, seed: int, amp: bool, clip_grad_norm: float | None, epochs: int):
+    def __init__(self, device: torch.device, seed: int, amp: bool, clip_grad_norm: float | None, epochs: int,
+                 world: World | None = None):
         self.device = device
+        self.world = world or World()  # this worker's rank and the worker count (tasks.engine.distributed)
         self.seed = seed
         self.amp = amp
         self.channels_last = device.type == "cuda"
@@ -64,15 +81,28 @@ class StepContext:
         self.global_step = 0  # parameter updates so far, over the whole run
         self.steps_per_epoch = 1
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        self.modules: list[nn.Module] = []  # the networks passed to prepare (synchronised across workers)
         self._plan: _Plan | None = None  # set by fit
         self._method: Method | None = None
 
     def generator(self, purpose: int, *more: int) -> torch.Generator:
-        """A generator for this epoch and ``purpose`` (tasks.engine.seeding): resume replays it exactly."""
+        """A generator for this epoch and ``purpose`` (tasks.engine.seeding): resume replays it exactly.
+
+        The same on every worker: draw from it what decides the whole batch (order, pairing)."""
         return generator(self.seed, self.epoch, purpose, *more)
 
+    def sample_generator(self, purpose: int, *more: int) -> torch.Generator:
+        """A generator for per-sample randomness of this worker's slice (flips, erasing): with one worker it
+        is :meth:`generator`; with several, each worker draws its own, as one worker would over the batch."""
+        if self.world.size == 1:
+            return self.generator(purpose, *more)
+        return generator(self.seed, self.epoch, purpose, *more, 1_000_003 + self.world.rank)
+
     def prepare(self, module: nn.Module) -> nn.Module:
-        """Move a network to the device (channels_last on CUDA)."""
+        """Move a network to the device (channels_last on CUDA); a trained network is kept in step across
+        workers from here on."""
+        if not any(m is module for m in self.modules):
+            self.modules.append(module)
         module.to(self.device)
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
@@ -100,6 +130,8 @@ class StepContext:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.world.size > 1:
+            average_gradients(optimizers, self.world)
         if self.clip_grad_norm:
             for opt in optimizers:
                 self.scaler.unscale_(opt)
@@ -177,6 +209,11 @@ def fit(
     {"event": "epoch", ...} (the epoch's record) after each epoch.
     """
     out_uri = out_uri.rstrip("/")
+    world = current_world()
+    if world.size > 1 and not method.data_parallel:
+        raise ValueError(f"method {method.name} does not train data-parallel (workers > 1): its steps couple the "
+                         "samples of a batch or keep per-sample state, which splitting batches over workers would "
+                         "change; set workers: 1 in its section")
     # With a schedule that does not depend on the run's length, a finished run can be extended: its
     # epoch count is then not part of what must match.
     extendable = max_steps is None and schedule.kind != "cosine" and method.extendable
@@ -192,7 +229,7 @@ def fit(
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    ctx = StepContext(dev, seed, amp and dev.type == "cuda", clip_grad_norm, epochs)
+    ctx = StepContext(dev, seed, amp and dev.type == "cuda", clip_grad_norm, epochs, world)
     torch.manual_seed(seed_for(seed, -1))  # network initialisation
     method.setup(ctx)
     ctx.steps_per_epoch = max(1, method.steps_per_epoch())
@@ -214,18 +251,27 @@ def fit(
         history = list(saved["history"])
         start = int(saved["epoch"])
         ctx.global_step = int(saved["global_step"])
+    if world.size > 1:
+        broadcast_modules(ctx.modules)
     # A model.json of an earlier run must not pass for this one while it trains.
     fs, path = _fs(out_uri)
-    if fs.exists(f"{path}/{META_FILE}"):
+    if world.primary and fs.exists(f"{path}/{META_FILE}"):
         fs.rm(f"{path}/{META_FILE}")
 
-    ctx._plan = _Plan(n_epochs, total_steps, total_units, schedule, log_every, progress)
+    ctx._plan = _Plan(n_epochs, total_steps, total_units, schedule, log_every, progress if world.primary else None)
     ctx._method = method
     try:
         _run_epochs(method, ctx, out_uri, history, start, ctx._plan, wanted)
     finally:
         method.teardown(ctx)
-    return _finish(method, ctx, out_uri, history, saved, config, inputs, wanted, epochs)
+    if world.primary:
+        result = _finish(method, ctx, out_uri, history, saved, config, inputs, wanted, epochs)
+    else:  # worker 0 writes the run's files; the others hold the same model
+        result = FitResult(out_uri, dict(history[-1]) if history else {}, history,
+                           int(saved["epoch"]) if saved is not None else 0)
+    if world.size > 1:
+        barrier()  # every worker returns once worker 0's checkpoint is written
+    return result
 
 
 @dataclass
@@ -251,9 +297,17 @@ def _train_epoch(method: Method, ctx: StepContext, epoch: int, plan: _Plan, *, p
     samples = steps = 0
     lr = 0.0
     t0 = time.perf_counter()
+    world = ctx.world
     for s, batch in enumerate(method.batches(epoch, ctx)):
         if ctx.global_step >= plan.total_steps:
             break
+        if world.size > 1:
+            # Every worker sees the same batch; one too small to give each worker two samples (batch
+            # norm) is skipped by all of them alike.
+            n = leading_size(batch)
+            if n is not None and n < 2 * world.size:
+                continue
+            batch = shard_batch(batch, world)
         ctx.step = s
         pos = (epoch + (s + 0.5) / ctx.steps_per_epoch if plan.schedule.unit == "epoch"
                else ctx.global_step + 0.5)
@@ -283,6 +337,9 @@ def _train_epoch(method: Method, ctx: StepContext, epoch: int, plan: _Plan, *, p
                          "one batch")
     seconds = time.perf_counter() - t0
     means = {k: float(v) / counts[k] for k, v in sums.items()}
+    if world.size > 1:  # the epoch's record is over the whole batches, not worker 0's slices
+        means = average_scalars(means, world, ctx.device)
+        samples = sum_int(samples, ctx.device)
     _finite_or_raise(means.get("loss", 0.0), f"in epoch {epoch + 1}")
     return {**means, "lr": lr, "steps": steps, "samples": samples, "seconds": seconds,
             "images_per_s": samples / seconds if seconds > 0 else 0.0}
@@ -296,12 +353,18 @@ def _run_epochs(method: Method, ctx: StepContext, out_uri: str, history: list[di
         rec: dict[str, Any] = {"epoch": epoch + 1, "epochs": plan.n_epochs}
         rec.update(method.on_epoch_start(epoch, ctx) or {})
         rec.update(_train_epoch(method, ctx, epoch, plan))
+        if ctx.world.size > 1:
+            average_buffers(ctx.modules, ctx.world)
         rec.update(method.on_epoch_end(epoch, ctx) or {})
         rec.update(method.validate(ctx) or {})
         # "seconds" is the epoch's wall time, hooks (trial rounds) and validation included; images_per_s is
         # over the steps alone.
         rec["seconds"] = time.perf_counter() - t0
         history.append(rec)
+        if not ctx.world.primary:
+            if ctx.global_step >= plan.total_steps:
+                break
+            continue
         save_training_state(out_uri, {
             "epoch": epoch + 1, "global_step": ctx.global_step, "method": method.state_dict(),
             "optimizers": [o.state_dict() for o in method.optimizers], "scaler": ctx.scaler.state_dict(),

@@ -26,6 +26,11 @@ class Method:
     #: True: a finished run may be continued to more epochs (schedules that do not depend on the run's
     #: length). False for methods whose math depends on the epoch count (PT's consistency ramp).
     extendable: bool = True
+    #: True: the method trains data-parallel (``workers: N``, tasks.engine.distributed): its batches may be
+    #: sliced over workers, it draws per-sample randomness from ``ctx.sample_generator`` and whole-batch
+    #: randomness from ``ctx.generator``, keeps no per-sample state, and every worker takes the same
+    #: steps. False (the default) refuses workers > 1.
+    data_parallel: bool = False
 
     optimizers: list[torch.optim.Optimizer]
 

@@ -35,6 +35,9 @@ class Recipe:
     device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
     amp: bool = True  # mixed precision (fp16 autocast + GradScaler) on CUDA; ignored on CPU
     pretrained: str | None = None  # local weights file or checkpoint folder to start from (never downloaded)
+    # Data-parallel workers (Ray Train, each with the ray section's cpus/gpus per worker; the batch is split
+    # over them, the recipe is unchanged). 1 = one process. A runtime field: resume ignores it.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -48,6 +51,7 @@ class Recipe:
             (self.lr_step >= 1, "lr_step must be >= 1"),
             (0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
             (self.warmup >= 0, "warmup must be >= 0"),
+            (self.workers >= 1, "workers must be >= 1"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 (or null)"),
         ]
         for ok, msg in checks:
