@@ -72,32 +72,26 @@ def leading_size(batch: Any) -> int | None:
     return None
 
 
-def average_gradients(optimizers: Sequence[torch.optim.Optimizer], world: World) -> None:
-    """Replace every gradient of ``optimizers``' parameters by its mean over the workers (one all-reduce)."""
-    grads = [p.grad for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    if not grads:
+def _average_in_place(tensors: list[torch.Tensor], world: World) -> None:
+    """Replace each tensor by its mean over the workers, with one flat all-reduce (as DDP's buckets)."""
+    if not tensors:
         return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat)
     flat /= world.size
-    for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(avg)
+    for t, avg in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(avg)
 
 
-def _float_buffers(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
-    return [b for m in modules for b in m.buffers() if b.is_floating_point()]
+def average_gradients(optimizers: Sequence[torch.optim.Optimizer], world: World) -> None:
+    """Replace every gradient of ``optimizers``' parameters by its mean over the workers."""
+    _average_in_place([p.grad for opt in optimizers for g in opt.param_groups for p in g["params"]
+                       if p.grad is not None], world)
 
 
 def average_buffers(modules: Iterable[nn.Module], world: World) -> None:
     """Average floating-point buffers (batch-norm running statistics) over the workers."""
-    bufs = _float_buffers(modules)
-    if not bufs:
-        return
-    flat = torch._utils._flatten_dense_tensors(bufs)
-    dist.all_reduce(flat)
-    flat /= world.size
-    for b, avg in zip(bufs, torch._utils._unflatten_dense_tensors(flat, bufs)):
-        b.copy_(avg)
+    _average_in_place([b for m in modules for b in m.buffers() if b.is_floating_point()], world)
 
 
 def broadcast_modules(modules: Iterable[nn.Module]) -> None:
