@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,22 @@ COMPUTING_PACKAGES = ("storage", "tasks", "workers")
 # Calls that import modules by a computed name: a module making one is taken to import every
 # module of its package (storage.readers loads all readers this way).
 _DYNAMIC_IMPORTS = {"import_module", "__import__", "iter_modules", "walk_packages"}
+
+# CPython 3.11 keeps the AST converter's recursion depth in state shared by threads: two parses at
+# once (Prefect runs ready stages in threads) can fail with "AST constructor recursion depth
+# mismatch". Ours take turns; a clash with a parse elsewhere in the process is retried.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str | bytes) -> ast.Module:
+    with _PARSE_LOCK:
+        for _ in range(2):
+            try:
+                return ast.parse(source)
+            except SystemError as e:
+                if "recursion depth mismatch" not in str(e):
+                    raise
+        return ast.parse(source)
 
 
 def _version() -> str:
@@ -86,7 +103,7 @@ def module_imports(name: str, source: bytes) -> frozenset[str]:
     """
     known = module_files()
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:  # an unparsable module: everything it could reach
         return frozenset(known)
     package = name if _is_package(name) else name.rpartition(".")[0]
@@ -180,7 +197,7 @@ def _import_map(module: str) -> dict[str, str]:
     """Module ``module``'s top-level imports: bound name -> the module it comes from. Lets a body's
     use of an imported constant (``MEAN`` from tasks.data) count, which the value's type would not."""
     try:
-        tree = ast.parse(inspect.getsource(sys.modules[module]))
+        tree = _parse(inspect.getsource(sys.modules[module]))
     except (KeyError, OSError, TypeError, SyntaxError):
         return {}
     out: dict[str, str] = {}
@@ -249,9 +266,9 @@ def stage_code(fn: Any) -> StageCode | None:
             raise _NoSource(key) from None
         sources[key] = src
         try:
-            tree = ast.parse(src)
+            tree = _parse(src)
         except SyntaxError:  # a lambda cut out of a longer expression
-            tree = ast.parse(f"({src.strip().rstrip(',')})") if src.lstrip().startswith("lambda") else None
+            tree = _parse(f"({src.strip().rstrip(',')})") if src.lstrip().startswith("lambda") else None
             if tree is None:
                 raise _NoSource(key) from None
         for node in ast.walk(tree):

@@ -119,8 +119,10 @@ def test_full_round_on_multinode_cluster_then_kill_and_resume(tmp_path, ray_clus
     cfg = _write_config(tmp_path, ray_cluster, out)
 
     # (b) start the round, kill it in the middle of the teacher's training, rerun.
-    proc = subprocess.Popen([str(BIN / "fermine"), "run", str(cfg)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    console = tmp_path / "first-run.txt"
+    with console.open("w") as sink:
+        proc = subprocess.Popen([str(BIN / "fermine"), "run", str(cfg)], env=env, start_new_session=True,
+                                stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     teacher_dir = None
     while time.time() < deadline and proc.poll() is None:
@@ -130,7 +132,8 @@ def test_full_round_on_multinode_cluster_then_kill_and_resume(tmp_path, ray_clus
             if (teacher_dir / "last.pt").exists():
                 break
         time.sleep(0.2)
-    assert teacher_dir is not None and proc.poll() is None, "the run ended before it could be killed"
+    assert teacher_dir is not None and proc.poll() is None, \
+        f"the run ended before it could be killed (exit {proc.poll()}):\n{console.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (teacher_dir / "_stage.json").exists()  # the killed stage does not look finished
