@@ -22,6 +22,7 @@ import contextvars
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable
 
 import fsspec
@@ -194,14 +195,22 @@ class Round:
 
     def _table7(self, pasm_cfg: Any, attack_cfg: Any, cond: str) -> None:
         """One condition of PASM Table VII: one round, no teacher guidance, the teacher's initialisation
-        and recipe.
+        and recipe; or ``no_erasing``, the rounds' control (round 1's student on the original images).
 
-        The conditions differ only in the erased region: random (Zhong et al.), attention (Wei et al.)
-        or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
+        Table VII's conditions differ only in the erased region: random (Zhong et al.), attention (Wei et
+        al.) or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
         identities), so it costs one training.
         """
         c, labeled, teacher = self.cfg, self.uris["labeled"], self.uris["teacher"]
         seed = c.seed + 1
+        if cond == "no_erasing":  # the rounds' control: round 1's student recipe on the original images
+            ne_cfg = replace(pasm_cfg, student_data="erased")  # "erased" = the table given, here the originals
+            scfg = steps.student_config(self.teacher_cfg, ne_cfg, seed=seed)
+            st = stage(self.run, "student-no-erasing", {"train": scfg, "pasm": ne_cfg},
+                       {"images": labeled, "teacher": teacher},
+                       steps.student(scfg, ne_cfg, labeled, labeled, teacher), compute=True)
+            self.evaluate("pasm-no-erasing", st.uri, "pasm")
+            return
         if cond == "random_erasing" and pasm_cfg.random_erasing_style == "online":
             tcfg = steps.baseline_config(self.teacher_cfg, seed, random_erasing=pasm_cfg.random_erasing_p)
             st = stage(self.run, "student-random-erasing", tcfg, {"train": labeled}, steps.train(tcfg, [labeled]),
@@ -319,7 +328,7 @@ class Round:
         pasm = steps.pasm_config(self.cfg.pasm, self.teacher_cfg, steps.attack_config(self.cfg.attack, self.cfg.seed))
         row = "random-erasing-r{}" if pasm.random_erasing else "pasm-r{}"
         conditions = {"random_erasing": "random-erasing", "adversarial_erasing": "adversarial-erasing",
-                      "no_teacher": "pasm-no-teacher"}
+                      "no_teacher": "pasm-no-teacher", "no_erasing": "pasm-no-erasing"}
         return (["teacher", "model"] + [row.format(r) for r in range(1, pasm.rounds + 1)]
                 + [conditions[c] for c in pasm.compare] + ["vas", "das"])
 

@@ -74,6 +74,19 @@ def test_pasm_rounds_and_table7_conditions(tmp_path):
     assert "erase-random" not in st  # online random erasing has no offline table
 
 
+def test_no_erasing_control_is_round_one_on_the_original_images(tmp_path):
+    """The rounds' control differs from round 1's student in its training data only."""
+    summary, out = _run(tmp_path, "ne", "pasm", pasm={"rounds": 1, "compare": ["no_erasing"], "student_epochs": 1,
+                                                       "student_lr_step": 1, "student_data": "both"})
+    st = _stages(out)
+    assert [r["model"] for r in summary["results"]] == ["teacher", "pasm-r1", "pasm-no-erasing"]
+    r1, ne = _train_metrics(st["student-r1"]["uri"]), _train_metrics(st["student-no-erasing"]["uri"])
+    assert ne["train_uris"] == [st["align"]["uri"]]  # the originals, once (not twice with "both")
+    assert r1["train_uris"] == [st["erase-r1"]["uri"], st["align"]["uri"]]
+    assert ne["teacher"] is True and ne["init_from"] == st["teacher"]["uri"]
+    assert ne["config"] == r1["config"] and ne["config"]["lr_step"] == 1  # same recipe, same seed
+
+
 def test_random_erasing_ablation_replaces_the_attack(tmp_path):
     summary, out = _run(tmp_path, "re", "pasm", pasm={"rounds": 1, "random_erasing": True, "compare": [],
                                                        "student_epochs": 1})

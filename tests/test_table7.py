@@ -137,6 +137,12 @@ def test_table7_recipe_is_the_teachers_without_teacher_term():
     assert student_train_config(teacher, replace(pasm, student_lr=0.002, no_teacher=True)).lr == 0.02
     with pytest.raises(ValueError, match="student_lr"):
         PasmConfig(student_lr=0.0).validate()
+    # Likewise its step schedule: the teacher's lr_step unless student_lr_step names one.
+    assert student_train_config(teacher, pasm).lr_step == teacher.lr_step
+    assert student_train_config(teacher, replace(pasm, student_lr_step=4)).lr_step == 4
+    assert student_train_config(teacher, replace(pasm, student_lr_step=4, no_teacher=True)).lr_step == teacher.lr_step
+    with pytest.raises(ValueError, match="student_lr_step"):
+        PasmConfig(student_lr_step=0).validate()
     with pytest.raises(ValueError, match="compare"):
         PasmConfig(compare=("mixup",)).validate()
 

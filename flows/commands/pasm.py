@@ -148,8 +148,10 @@ def register(app: typer.Typer) -> None:
                                                      "no-teacher: PASM w/o teacher (no MSE term, student from the "
                                                      "teacher's initialisation). Repeatable."),
         compare: Optional[List[str]] = typer.Option(None, help="Table VII's one-round conditions trained beside "
-                                                    "the rounds: random_erasing, adversarial_erasing, no_teacher "
-                                                    "(repeatable or comma-separated; 'none' for none). Default: none."),
+                                                    "the rounds: random_erasing, adversarial_erasing, no_teacher; "
+                                                    "no_erasing is the rounds' control (round 1's student on the "
+                                                    "original images). Repeatable or comma-separated; 'none' for "
+                                                    "none. Default: none."),
         teacher: Optional[str] = typer.Option(None, help="Start from this teacher checkpoint instead of training one."),
         test: Optional[str] = typer.Option(None, help="Another test table, evaluated as test set 'test' besides "
                                            "TABLE's test split."),
@@ -157,6 +159,9 @@ def register(app: typer.Typer) -> None:
         size: int = typer.Option(64, help="Input side in pixels (224 in the paper)."),
         epochs: int = typer.Option(10, help="Teacher epochs (and student epochs unless --student-epochs)."),
         student_epochs: Optional[int] = typer.Option(None, help="Student epochs per round."),
+        student_lr_step: Optional[int] = typer.Option(None, help="The student's lr x0.1 every this many epochs "
+                                                      "(default: the teacher's 10); set it below --student-epochs "
+                                                      "for a student that anneals like its teacher did."),
         batch_size: int = typer.Option(64, help="Images per SGD step."),
         lr: float = typer.Option(0.01, help="Initial learning rate (x0.1 every 10 epochs)."),
         pretrained: Optional[str] = typer.Option(None, help="Local weights for the first teacher (never downloaded)."),
@@ -199,7 +204,8 @@ def register(app: typer.Typer) -> None:
                        "patch": mask_size, "early_stop": early_stop, "init": attack_init, "chunk_size": chunk_size,
                        "device": device},
             "pasm": {"rounds": rounds, "alpha": alpha, "beta": beta, "student_epochs": student_epochs,
-                     "student_init": student_init, "student_data": student_data, "compare": conditions,
+                     "student_lr_step": student_lr_step, "student_init": student_init,
+                     "student_data": student_data, "compare": conditions,
                      "random_erasing": "random" in ablations, "no_teacher": "no-teacher" in ablations,
                      "erase": {"size": mask_size, "fill": fill}},
             "ray": {"address": ray_address, "workers": workers},

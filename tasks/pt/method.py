@@ -464,7 +464,8 @@ def pt_step(
             l_pen = -torch.log(c).mean()
             loss = loss + l_task + conf_lambda[j] * l_pen
             conf_l.append(float(l_task.detach()))
-            conf_lambda[j] = conf_lambda[j] / 0.99 if float(l_pen) > cfg.confidence_budget else conf_lambda[j] / 1.01
+            over_budget = float(l_pen.detach()) > cfg.confidence_budget
+            conf_lambda[j] = conf_lambda[j] / 0.99 if over_budget else conf_lambda[j] / 1.01
         if backward_step is None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
