@@ -151,8 +151,14 @@ class Round:
         c = self.cfg
         attack_cfg = steps.attack_config(c.attack, c.seed)
         pasm_cfg = steps.pasm_config(c.pasm, self.teacher_cfg, attack_cfg)
+        def condition(cond: str) -> None:
+            if cond == "no_erasing":
+                self._no_erasing(pasm_cfg)
+            else:
+                self._table7(pasm_cfg, attack_cfg, cond)
+
         self.parallel(lambda: self._rounds(pasm_cfg, attack_cfg),
-                      *[lambda cond=cond: self._table7(pasm_cfg, attack_cfg, cond) for cond in pasm_cfg.compare])
+                      *[lambda cond=cond: condition(cond) for cond in pasm_cfg.compare])
 
     def _rounds(self, pasm_cfg: Any, attack_cfg: Any) -> None:
         """Algorithm 1: each round's student becomes the next round's teacher."""
@@ -165,10 +171,7 @@ class Round:
                 erased = self._random_square(pasm_cfg, f"erase-random-r{r}", c.seed + r)
             else:
                 erased = self._attack_and_erase(pasm_cfg, attack_cfg, teacher, r)
-            student_cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=c.seed + r)
-            st = stage(self.run, f"student-r{r}", {"train": student_cfg, "pasm": pasm_cfg},
-                       {"erased": erased, "teacher": teacher, "images": labeled},
-                       steps.student(student_cfg, pasm_cfg, erased, labeled, teacher), compute=True)
+            st = self._student(f"student-r{r}", pasm_cfg, erased, teacher, seed=c.seed + r)
             self.evaluate(row.format(r), st.uri, "pasm")
             figure_rows.append({"round": str(r), "erased": erased})
             teacher = st.uri
@@ -177,6 +180,22 @@ class Round:
                     {f"r{i}": row["erased"] for i, row in enumerate(figure_rows)},
                     steps.pasm_figure(figure_rows, labeled))
         self.figures["pasm"] = steps.first_png(fig.uri)
+
+    def _student(self, name: str, pasm_cfg: Any, erased: str, teacher: str, seed: int) -> Any:
+        """Algorithm 1 line 11 as a stage: a student of ``teacher`` on ``erased`` (Eq. 4, PASM's recipe)."""
+        labeled = self.uris["labeled"]
+        cfg = steps.student_config(self.teacher_cfg, pasm_cfg, seed=seed)
+        return stage(self.run, name, {"train": cfg, "pasm": pasm_cfg},
+                     {"erased": erased, "teacher": teacher, "images": labeled},
+                     steps.student(cfg, pasm_cfg, erased, labeled, teacher), compute=True)
+
+    def _no_erasing(self, pasm_cfg: Any) -> None:
+        """The rounds' control: round 1's student, its recipe and seed, on the original images."""
+        labeled = self.uris["labeled"]
+        # The originals stand in for the erased table, once: student_data "both" would add them twice.
+        control = replace(pasm_cfg, student_data="erased")
+        st = self._student("student-no-erasing", control, labeled, self.uris["teacher"], seed=self.cfg.seed + 1)
+        self.evaluate("pasm-no-erasing", st.uri, "pasm")
 
     def _attack_and_erase(self, pasm_cfg: Any, attack_cfg: Any, teacher: str, r: int) -> str:
         """Round r's new learning material: the point attack by this round's teacher, erased there."""
@@ -195,22 +214,14 @@ class Round:
 
     def _table7(self, pasm_cfg: Any, attack_cfg: Any, cond: str) -> None:
         """One condition of PASM Table VII: one round, no teacher guidance, the teacher's initialisation
-        and recipe; or ``no_erasing``, the rounds' control (round 1's student on the original images).
+        and recipe.
 
-        Table VII's conditions differ only in the erased region: random (Zhong et al.), attention (Wei et
-        al.) or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
+        The conditions differ only in the erased region: random (Zhong et al.), attention (Wei et al.)
+        or the point attack's. PASM w/o teacher reuses round 1's attack and erased images (same stage
         identities), so it costs one training.
         """
         c, labeled, teacher = self.cfg, self.uris["labeled"], self.uris["teacher"]
         seed = c.seed + 1
-        if cond == "no_erasing":  # the rounds' control: round 1's student recipe on the original images
-            ne_cfg = replace(pasm_cfg, student_data="erased")  # "erased" = the table given, here the originals
-            scfg = steps.student_config(self.teacher_cfg, ne_cfg, seed=seed)
-            st = stage(self.run, "student-no-erasing", {"train": scfg, "pasm": ne_cfg},
-                       {"images": labeled, "teacher": teacher},
-                       steps.student(scfg, ne_cfg, labeled, labeled, teacher), compute=True)
-            self.evaluate("pasm-no-erasing", st.uri, "pasm")
-            return
         if cond == "random_erasing" and pasm_cfg.random_erasing_style == "online":
             tcfg = steps.baseline_config(self.teacher_cfg, seed, random_erasing=pasm_cfg.random_erasing_p)
             st = stage(self.run, "student-random-erasing", tcfg, {"train": labeled}, steps.train(tcfg, [labeled]),
