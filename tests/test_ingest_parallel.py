@@ -328,3 +328,40 @@ def test_flow_ingest_stage_runs_in_parts_on_ray(tmp_path, ray_local):
     assert not os.path.exists(tmp_path / "one" / "_claim.json")
     assert table_rows(str(tmp_path / "one")) == table_rows(str(tmp_path / "par"))
     assert one.ingest_config() == src.ingest_config()
+
+
+@pytest.mark.slow
+def test_cli_ingest_reads_in_parts_on_ray_and_resumes_after_a_kill(tmp_path, ray_local, capsys):
+    """`fermine ingest` reads a source with random access in parts on Ray by default (`--workers 1`: in
+    this process): the same table, and a rerun after a kill reads only the parts that were missing."""
+    from test_readers import run_cli
+
+    root = str(tmp_path / "src")
+    write_pool_rec(root)
+    one, par = str(tmp_path / "one"), str(tmp_path / "par")
+    code, _, err = run_cli(["ingest", "ms1m", root, one, "--rows-per-shard", "3", "--workers", "1"], capsys)
+    assert code == 0, err
+    assert not os.path.exists(os.path.join(one, "_claim.json"))  # read in this process
+    code, _, err = run_cli(["ingest", "ms1m", root, par, "--rows-per-shard", "3", "--workers", "2"], capsys)
+    assert code == 0, err
+    assert os.path.exists(os.path.join(par, "_claim.json"))  # read in parts on Ray
+    assert table_rows(par) == table_rows(one)
+    assert Artifact(par).manifest.extra == Artifact(one).manifest.extra
+    assert Artifact(par).manifest.config == Artifact(one).manifest.config
+    # Killed before its commit with part 1 unwritten: the rerun writes part 1 only.
+    os.remove(os.path.join(par, "_manifest.json"))
+    os.remove(os.path.join(par, shard_name(1)))
+    os.remove(os.path.join(par, shard_name(1) + ".json"))
+    kept = {n: os.path.getmtime(os.path.join(par, n)) for n in os.listdir(par) if n.endswith(".parquet")
+            and n.startswith("part-")}
+    assert len(kept) >= 2
+    code, _, err = run_cli(["ingest", "ms1m", root, par, "--rows-per-shard", "3", "--workers", "2"], capsys)
+    assert code == 0, err
+    assert {n: os.path.getmtime(os.path.join(par, n)) for n in kept} == kept
+    assert table_rows(par) == table_rows(one)
+    # Another cut into parts on an unfinished folder is refused with advice, not a traceback.
+    os.remove(os.path.join(par, "_manifest.json"))
+    code, _, err = run_cli(["ingest", "ms1m", root, par, "--rows-per-shard", "4"], capsys)
+    assert code == 2 and "choose another output or delete it" in err and "Traceback" not in err
+    code, _, err = run_cli(["ingest", "ms1m", root, str(tmp_path / "x"), "--workers", "0"], capsys)
+    assert code == 2 and "--workers must be at least 1" in err

@@ -199,6 +199,85 @@ def print_rejects(console, summary: tuple[int, list[tuple[str, int, str]]] | Non
     console.print(table)
 
 
+def ingest_table(fmt: str, root: str, out: str, options: dict[str, Any], *, rows_per_shard: int,
+                 workers: int | None = None, ray_address: str | None = None, label: str | None = None):
+    """Read ``root`` (format ``fmt``) into the image table ``out``; returns its Manifest.
+
+    A source with random access (storage.readers.Splittable: an indexed RecordIO, a folder tree, a csv)
+    of more than one part is read in parts of ``rows_per_shard`` entries as Ray tasks, ``workers`` at once
+    (default: one per CPU of the Ray instance or cluster at ``ray_address``), and a rerun after a kill
+    redoes only the missing parts; ``workers=1``, and any other source, read in this process. Both give
+    the same table. User mistakes (unknown format, bad options or layout) raise flows.cli.UserError.
+    """
+    import time
+
+    from flows.cli import UserError
+    from flows.progress import progress_bar
+    from storage.ingest import write_image_table
+    from storage.readers import check_options, get_reader, get_splittable
+    from storage.readers.base import Reject
+
+    label = label or f"ingest {fmt}"
+    try:
+        reader, split = get_reader(fmt), get_splittable(fmt)
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
+    try:
+        check_options(fmt, options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    local_root = os.path.abspath(root) if os.path.exists(root) else root
+    config = {"format": fmt, "root": local_root, "options": options}
+    stage = f"ingest.{fmt}"
+    try:  # readers check the layout here, before OUT is created
+        entries = split.entries(root, **options) if split is not None and workers != 1 else None
+        records = reader(root, **options) if entries is None or len(entries) <= rows_per_shard else None
+    except TypeError as e:
+        raise UserError(f"bad options for {fmt}: {e}") from None
+    except ValueError as e:  # DatasetFormatError is one too; the message says what to fix
+        raise UserError(str(e)) from None
+    t0 = time.perf_counter()
+    if records is not None:
+        counts = {"rows": 0, "rejects": 0}
+        with progress_bar(label, None) as bar:
+            def on_record(rec) -> None:
+                counts["rejects" if isinstance(rec, Reject) else "rows"] += 1
+                bar.update(0, advance=1, info=f"{counts['rows']} rows, {counts['rejects']} rejects")
+
+            try:
+                return write_image_table(records, out, stage=stage, config=config, rows_per_shard=rows_per_shard,
+                                         on_record=on_record)
+            except ValueError as e:
+                raise UserError(f"{fmt} at {root}: {e}") from None
+    import ray
+
+    from workers.cluster import RayConfig, connect
+    from workers.ingest import ingest_parts
+    from workers.sharded import PoolConfig
+
+    connect(RayConfig(address=ray_address))
+    n_tasks = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    with progress_bar(f"{label} ({n_tasks} Ray tasks at once)", len(entries)) as bar:
+        seen = {"entries": 0, "rejects": 0}
+
+        def on_part(i: int, info, rejected: int) -> None:
+            n = min(rows_per_shard, len(entries) - i * rows_per_shard)
+            seen["entries"] += n
+            seen["rejects"] += rejected
+            rate = seen["entries"] / max(time.perf_counter() - t0, 1e-9)
+            bar.update(0, advance=n, info=f"{seen['rejects']} rejects, {rate:.0f} entries/s")
+
+        try:
+            manifest = ingest_parts(split.read_entries, entries, out, stage=stage, config=config,
+                                    part_size=rows_per_shard, pool=PoolConfig(num_actors=n_tasks, num_cpus=1.0),
+                                    on_part=on_part)
+        except FileExistsError as e:
+            raise UserError(f"{e}; choose another output or delete it") from None
+    return manifest
+
+
 def register(app: typer.Typer) -> None:
     @app.command("ingest")
     def ingest(
@@ -208,54 +287,33 @@ def register(app: typer.Typer) -> None:
                                    help="The data set's folder (or csv/.rec file), laid out as its publisher ships it."),
         out: str = typer.Argument(..., metavar="OUT",
                                   help="Where to write the image table (an fsspec URI; rejects go to OUT/rejects)."),
-        rows_per_shard: int = typer.Option(1024, "--rows-per-shard", min=1, help="Rows per Parquet shard."),
+        rows_per_shard: int = typer.Option(1024, "--rows-per-shard", min=1,
+                                           help="Rows per Parquet shard (and entries per Ray task when read in parts)."),
         option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
                                          help="Reader option, repeatable (e.g. rafdb: -o aligned=false; ms1m: -o limit=1000; `fermine formats` lists each reader's)."),
+        workers: Optional[int] = typer.Option(None, help="Ray tasks at once for a source with random access (ms1m "
+                                              "with its .idx or folders, folder, fer2013); default: one per CPU; "
+                                              "1: read in this process."),
+        ray_address: Optional[str] = typer.Option(None, help="Ray cluster (auto or ray://host:10001) for reading in "
+                                                  "parts; default: a local instance. ROOT must be at the same path "
+                                                  "on every node."),
     ) -> None:
-        """Read a public FER data set into an image table, with its rejects (entries that could not be used)."""
+        """Read a public FER data set into an image table, with its rejects (entries that could not be used).
+
+        A large source with random access is read in parts on Ray, resumable: rerun the same command
+        after a kill and only the missing parts are read."""
         import time
 
         from rich.console import Console
 
         from flows.cli import UserError
-        from flows.progress import progress_bar
         from storage.artifact import is_finished
-        from storage.ingest import write_image_table
-        from storage.readers import check_options, get_reader
-        from storage.readers.base import Reject
 
-        try:
-            reader = get_reader(fmt)
-        except KeyError as e:
-            raise UserError(str(e.args[0])) from None
         if is_finished(out):
             raise UserError(f"{out} is already a finished artifact; choose another output or delete it")
-        options = parse_options(option)
-        try:
-            check_options(fmt, options)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        try:
-            records = reader(root, **options)  # readers check the layout here, before OUT is created
-        except TypeError as e:
-            raise UserError(f"bad options for {fmt}: {e}") from None
-        except ValueError as e:  # DatasetFormatError is one too; the message says what to fix
-            raise UserError(str(e)) from None
-        local_root = os.path.abspath(root) if os.path.exists(root) else root
-        config = {"format": fmt, "root": local_root, "options": options}
-        counts = {"rows": 0, "rejects": 0}
         t0 = time.perf_counter()
-        with progress_bar(f"ingest {fmt}", None) as bar:
-
-            def on_record(rec) -> None:
-                counts["rejects" if isinstance(rec, Reject) else "rows"] += 1
-                bar.update(0, advance=1, info=f"{counts['rows']} rows, {counts['rejects']} rejects")
-
-            try:
-                manifest = write_image_table(records, out, stage=f"ingest.{fmt}", config=config,
-                                             rows_per_shard=rows_per_shard, on_record=on_record)
-            except ValueError as e:
-                raise UserError(f"{fmt} at {root}: {e}") from None
+        manifest = ingest_table(fmt, root, out, parse_options(option), rows_per_shard=rows_per_shard,
+                                workers=workers, ray_address=ray_address)
         secs = time.perf_counter() - t0
         console = Console()
         console.print(f"[bold]{out}[/]: {manifest.rows} rows in {len(manifest.shards)} shard(s), "

@@ -23,20 +23,18 @@ def _need_table(uri: str, what: str) -> None:
         raise UserError(f"no finished image table at {uri} ({what}): check the path, or run the stage that makes it")
 
 
-def _pool_table(pool: str, out: str) -> str:
+def _pool_table(pool: str, out: str, workers: int | None = None, ray_address: str | None = None) -> str:
     """POOL as an image table: a finished table as is, an MS-Celeb-1M release ingested once.
 
     A release (insightface ``train.rec`` + ``train.idx``, or face.evoLVe ``<identity>/<n>.jpg``
-    folders) is ingested into ``OUT/pool`` first; a rerun finds that table finished and reuses it.
+    folders) is ingested into ``OUT/pool`` first, in parts on Ray (flows.commands.ingest.ingest_table);
+    a rerun finds that table finished and reuses it, or resumes its missing parts after a kill.
     """
     import os
 
     from flows.cli import UserError
-    from flows.progress import progress_bar
+    from flows.commands.ingest import ingest_table
     from storage.artifact import is_finished, join
-    from storage.ingest import write_image_table
-    from storage.readers import get_reader
-    from storage.readers.base import DatasetFormatError, Reject
 
     if is_finished(pool):
         return pool
@@ -45,18 +43,11 @@ def _pool_table(pool: str, out: str) -> str:
     table = join(out, "pool")
     if is_finished(table):
         return table
-    counts = {"rows": 0, "rejects": 0}
-    with progress_bar("ingest ms1m pool", None) as bar:
-        def on_record(rec) -> None:
-            counts["rejects" if isinstance(rec, Reject) else "rows"] += 1
-            bar.update(0, advance=1, info=f"{counts['rows']} faces, {counts['rejects']} rejects")
-
-        try:
-            write_image_table(get_reader("ms1m")(pool), table, stage="ingest.ms1m",
-                              config={"format": "ms1m", "root": os.path.abspath(pool), "options": {}},
-                              on_record=on_record)
-        except (DatasetFormatError, ValueError) as e:
-            raise UserError(f"POOL {pool} is neither a finished image table nor an MS-Celeb-1M release: {e}") from None
+    try:
+        ingest_table("ms1m", pool, table, {}, rows_per_shard=1024, workers=workers, ray_address=ray_address,
+                     label="ingest ms1m pool")
+    except UserError as e:
+        raise UserError(f"POOL {pool} is neither a finished image table nor an MS-Celeb-1M release: {e}") from None
     return table
 
 
@@ -167,7 +158,7 @@ def register(app: typer.Typer) -> None:
         from workers.mine import mine_pool
 
         _need_checkpoint(checkpoint)
-        pool = _pool_table(pool, out)
+        pool = _pool_table(pool, out, ray_address=ray_address)
         try:
             cfg = _mine_config(margin, floor, center, batch_size, split, size, device, decode_threads)
             if centroids is None:
