@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from storage.artifact import Artifact
 from tasks.data import MEAN, STD, normalize
 from tasks.engine import Recipe, StepContext, build_optimizer, fit
-from tasks.engine.checkpoint import weights_digest
+from tasks.engine.checkpoint import module_digest, weights_digest
 from tasks.engine.distributed import current_world
 from tasks.engine.loaders import labeled_source, load_labeled
 from tasks.engine.method import Method
@@ -301,6 +301,8 @@ def train(
         inputs["val"] = Artifact(val_uri).digest
     if init_from or cfg.pretrained:
         inputs["init"] = weights_digest(init_from or cfg.pretrained)
+    if teacher is not None:  # another teacher makes another run: never resumed into this one
+        inputs["teacher"] = module_digest(teacher)
     method = Supervised(cfg, uris, teacher=teacher, init_from=init_from, val_uri=val_uri,
                         batch_transform=batch_transform, loss_hook=loss_hook)
 

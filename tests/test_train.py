@@ -176,6 +176,17 @@ def test_teacher_term_changes_training_and_beta_zero_equals_plain_ce(table, tmp_
         train(TrainConfig(epochs=1, beta=0.5, **FAST), [table], str(tmp_path / "x"))
 
 
+def test_resume_refuses_another_teacher(table, tmp_path):
+    """A student trained with one teacher is never reused or resumed as if trained with another."""
+    torch.manual_seed(3)
+    first, second = build_model("small_cnn"), build_model("small_cnn")
+    out = str(tmp_path / "student")
+    train(TrainConfig(epochs=1, beta=0.5, **FAST), [table], out, teacher=first)
+    assert train(TrainConfig(epochs=1, beta=0.5, **FAST), [table], out, teacher=first).history  # reused
+    with pytest.raises(ValueError, match="other contents of teacher"):
+        train(TrainConfig(epochs=1, beta=0.5, **FAST), [table], out, teacher=second)
+
+
 def test_init_from_a_checkpoint(table, tmp_path):
     torch.manual_seed(5)
     start = build_model("small_cnn")

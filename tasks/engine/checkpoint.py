@@ -194,6 +194,17 @@ def weights_digest(path: str) -> str:
     return hashlib.sha256(fs.cat_file(p)).hexdigest()
 
 
+def module_digest(module: nn.Module) -> str:
+    """The sha256 of a network's weights and buffers (names, dtypes, shapes, values): what an in-memory
+    network given to a training (a frozen teacher) contributes to its resume fingerprint."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_training_state(uri_dir: str, state: Mapping[str, Any]) -> None:
     """Atomically write the resumable training state (``last.pt``).
 
