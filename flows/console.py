@@ -36,7 +36,8 @@ def _quiet(stage: str) -> bool:
 
 
 class _StageLines(logging.Handler):
-    """Formats flows.stage's events as one line each: '  done  teacher  25 s'."""
+    """Formats flows.stage's events as one line each: '  done  teacher  25 s': the seconds it computed,
+    and those it first waited for a worker with its resources when that was a second or more."""
 
     def __init__(self, stream=None):
         super().__init__(logging.INFO)
@@ -53,7 +54,9 @@ class _StageLines(logging.Handler):
         if event == "finished":
             self.done.add(name)
         if event == "finished":
-            text = f"  done    {name:<32} {getattr(record, 'seconds', 0.0):6.0f} s"
+            waited = getattr(record, "waited", 0.0)
+            text = f"  done    {name:<32} {getattr(record, 'seconds', 0.0):6.0f} s" + (
+                f" (after {waited:.0f} s waiting for resources)" if waited >= 1 else "")
         elif event == "reused":
             text = f"  reused  {name}"
         else:

@@ -214,7 +214,11 @@ class Run:
         _atomic_put(fs, f"{path}/{STAGE_RECORD}", json.dumps(dataclasses.asdict(rec), indent=2).encode())
         self._log({"event": "finished", "stage": name, "uri": out, "time": rec.finished, "seconds": rec.seconds,
                    "started": started, "placement": placement})
-        progress.info("finished %s", name, extra={"event": "finished", "stage": name, "seconds": rec.seconds})
+        # A placed stage may first wait for a worker with its resources: the line says both.
+        ran_from = float((placement or {}).get("started", started))
+        ran_from = ran_from if started <= ran_from <= rec.finished else started  # another node's clock
+        progress.info("finished %s", name, extra={"event": "finished", "stage": name, "seconds": rec.finished - ran_from,
+                                                  "waited": max(0.0, ran_from - started)})
         return rec
 
     # ---- forced recomputation (`fermine run CONFIG --rerun STAGE`) ---------------------------

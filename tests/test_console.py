@@ -19,6 +19,8 @@ def test_noise_goes_to_the_run_log_and_stage_lines_to_the_terminal(tmp_path):
             progress = logging.getLogger("fermine.progress")
             progress.info("finished teacher", extra={"event": "finished", "stage": "teacher", "seconds": 25.0})
             progress.info("reused align", extra={"event": "reused", "stage": "align"})
+            progress.info("finished student", extra={"event": "finished", "stage": "student", "seconds": 9.0,
+                                                     "waited": 40.0})
             # Bookkeeping stages and a second chain's reuse of a stage computed in this run: no line.
             for event, stage in (("finished", "evaluate-teacher"), ("finished", "pt.eval-pt-30"),
                                  ("reused", "teacher")):
@@ -36,4 +38,6 @@ def test_noise_goes_to_the_run_log_and_stage_lines_to_the_terminal(tmp_path):
     assert "Token authentication" in log and "epoch 1/15" in log and "no face in 3 images" in log
     assert "Token authentication" not in ray_handler.stream.getvalue()  # muted on the console
     lines = term.getvalue().splitlines()
-    assert lines == [f"  done    {'teacher':<32}     25 s", "  reused  align", "  FAILED  evaluate-das: no rows"]
+    assert lines == [f"  done    {'teacher':<32}     25 s", "  reused  align",
+                     f"  done    {'student':<32}      9 s (after 40 s waiting for resources)",
+                     "  FAILED  evaluate-das: no rows"]

@@ -236,6 +236,25 @@ def test_two_chains_reaching_one_stage_compute_it_once_and_the_record_says_where
     assert plain.placement["device"] == "driver" and plain.placement["pid"] > 1
 
 
+def test_the_stage_line_counts_the_wait_for_resources_apart(tmp_path, caplog):
+    """A placed stage that waited for a worker: its console line's seconds are the computation's, the
+    wait is said apart (flows.console)."""
+    import logging
+    import time
+
+    def placer(fn, out):
+        time.sleep(1.2)  # queued until a worker with the stage's resources is free
+        started = time.time()
+        fn(out)
+        return {"host": "w1", "node_id": "n1", "device": "cpu", "pid": 2, "started": started, "finished": time.time()}
+
+    run = Run(str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO, logger="fermine.progress"):
+        run.stage("queued", {}, {}, _write(1), placer)
+    done = next(r for r in caplog.records if getattr(r, "event", None) == "finished")
+    assert done.waited >= 1.2 and done.seconds < 1.0
+
+
 def test_report_draws_the_timeline_by_where_stages_ran(tmp_path):
     from flows.report import _timeline_svg, timeline_rows
 
