@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export RAY_USAGE_STATS_ENABLED := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fermine demo --out runs/demo
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check flows tasks workers storage tests bench
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -89,7 +89,7 @@ def _scipy(attacker: PointAttacker, images, labels, popsize, generations, seed):
     for i in range(len(images)):
         zero = torch.zeros(popsize, dtype=torch.long, device=attacker.device)
 
-        def f(z, i=i):
+        def f(z, i=i, zero=zero):
             c = torch.from_numpy(np.asarray(z, dtype=np.float32).T.copy()).to(attacker.device)
             return attacker.fitness(base[i:i + 1], lab[i:i + 1], zero[:len(c)], c).cpu().numpy()
 

@@ -104,6 +104,19 @@ def _holds(c: dict[str, Any], sign: int) -> str:
     return "no (opposite)" if sign * c["diff"] < -2 * c["diff_se"] else "within noise"
 
 
+def report_timing_and_json(seeds: list[int], seconds: dict[str, float], started: float, what: str,
+                           json_path: str | None, payload: dict[str, Any]) -> float:
+    """Print a bench's time (in all, per part over all seeds) and write ``payload`` + the times to ``json_path``."""
+    total = time.time() - started
+    print(f"\n{len(seeds)} seeds, {total / 60:.1f} min; per {what} (all seeds): "
+          + ", ".join(f"{k} {s / 60:.1f} min" for k, s in seconds.items()))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"seeds": seeds, **payload, "seconds": seconds, "total_seconds": total}, f, indent=2,
+                      default=str)
+    return total
+
+
 # ---- the sections -------------------------------------------------------------------------------
 def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from storage.artifact import Artifact

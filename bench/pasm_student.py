@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fidelity import _holds, _run_pipeline, compare, round_config  # noqa: E402
+from fidelity import _holds, _run_pipeline, compare, report_timing_and_json, round_config  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -128,13 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{pm(r.get('vs_control'), r.get('vs_control_se'))} | {r.get('beats_control', '')} | "
                          f"{pm(r.get('vs_default'), r.get('vs_default_se'))} | {r.get('beats_default', '')} |")
     print("\n".join(lines))
-    total = time.time() - t0
-    print(f"\n{len(args.seeds)} seeds, {total / 60:.1f} min; per variant (all seeds): "
-          + ", ".join(f"{v} {s / 60:.1f} min" for v, s in seconds.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "variants": {v: VARIANTS[v] for v in variants}, "teacher": teacher,
-                       "rows": rows, "seconds": seconds, "total_seconds": total}, f, indent=2)
+    report_timing_and_json(args.seeds, seconds, t0, "variant", args.json,
+                           {"variants": {v: VARIANTS[v] for v in variants}, "teacher": teacher, "rows": rows})
     return 0
 
 

@@ -378,7 +378,7 @@ class Artifact:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise ArtifactError(f"shard {info.name} of {self.uri} is missing; rerun the stage that makes it")
+            raise ArtifactError(f"shard {info.name} of {self.uri} is missing; rerun the stage that makes it") from None
         if self.verify and hashlib.sha256(data).hexdigest() != info.sha256:
             raise ArtifactError(
                 f"shard {info.name} of {self.uri} does not match its manifest checksum (corrupt or "

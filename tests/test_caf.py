@@ -422,7 +422,7 @@ def test_cli_caf_defaults_to_the_synthetic_data_and_reuses_it(tmp_path, capsys):
     assert data.name.startswith("synthetic-") and (data / MANIFEST).exists()
     res = json.load(open(out / "results.json"))
     assert set(res["rows"]) == {"baseline", "caf"} and res["train_uri"] == str(data)
-    for name, r in res["rows"].items():
+    for r in res["rows"].values():
         assert r["n"] == 21 and all(math.isfinite(r[k]) for k in VA_METRICS)  # 7 classes x 3 test faces
         assert os.path.getsize(r["scatter_png"]) > 5000
     stamp = (data / MANIFEST).stat().st_mtime_ns

@@ -77,7 +77,7 @@ def test_landmarks_lie_on_the_drawn_features():
         assert le[0] < re_[0] and lm_[0] < rm[0]
         assert max(le[1], re_[1]) < nose[1] < max(lm_[1], rm[1]) + 2
 
-        def patch(p, r_=1):
+        def patch(p, r_=1, img=img):
             x, y = int(round(p[0])), int(round(p[1]))
             return img[y - r_:y + r_ + 1, x - r_:x + r_ + 1].mean()
 

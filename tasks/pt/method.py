@@ -333,7 +333,7 @@ def _build_pair_nets(cfg: PTConfig, device: torch.device) -> tuple[list[PTNet], 
     """The pairs' students and their teachers (frozen copies), built one after the other from torch's
     generator (seeded by the engine), so every pair starts from its own initialisation."""
     students, teachers = [], []
-    for k in range(cfg.n_pairs):
+    for _ in range(cfg.n_pairs):
         net = build_model(cfg.arch, cfg.num_classes)
         if cfg.pretrained:
             # A backbone without a (7-class) head is the expected case -- each pair keeps its own freshly
