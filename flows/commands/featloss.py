@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
         lambda_f1: Optional[float] = typer.Option(None, "--lambda-f1", help="Initial weight of the feature loss on z "
                                                   "(GABOR; default 1e-4)."),
         lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="Initial weight of the feature losses on x "
-                                                 "(lambda_F2, lambda_b; default 0.05)."),
+                                                 "(lambda_F2, lambda_b; default 0.005)."),
         rho: Optional[float] = typer.Option(None, "--rho", help="Per-epoch decay of the feature-loss weights "
                                             "(Eq. 6; default 0.9)."),
         gamma: Optional[float] = typer.Option(None, "--gamma", help="Amplification of the better loss's weight "

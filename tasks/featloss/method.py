@@ -109,7 +109,7 @@ SYNTHETIC_DATA: dict[str, Any] = {"size": 36, "train_per_class": 500, "val_per_c
                                   "pool_size": 0}
 # FeatLossConfig fields. About 1 CPU minute per plain training at 32 px; lr 0.05 with a one-epoch warm-up and
 # a cosine decay to 0 (without the warm-up the network sits at chance for epochs, and lr >= 0.05 without it
-# can stall there for good). Every other field keeps FeatLossConfig's default (lambda_b 0.05, rho 0.9, ...).
+# can stall there for good). Every other field keeps FeatLossConfig's default (lambda_b 0.005, rho 0.9, ...).
 SYNTHETIC_RECIPE: dict[str, Any] = {"input_size": 32, "load_size": 36, "epochs": 6, "round_epochs": 1,
                                     "batch_size": 32, "lr": 0.05, "warmup": 1.0}
 
@@ -179,8 +179,11 @@ class FeatLossConfig(Recipe):
     # the dimension: the GABOR target has ~50x the dims of GSF/SIFT, hence a ~50x smaller weight than lambda_f2
     # (0.05 made the GABOR loss swamp the SoftMax: chance accuracy on the synthetic comparison).
     lambda_f1: float = 1e-4
-    lambda_f2: float = 0.05  # L_F2 weight at epoch 0 (paper: 1e-6)
-    lambda_b: float = 0.05  # base weight of the two feature losses of Eq. 9 (paper: 1e-6)
+    # L_F2 and Eq. 9's weights at epoch 0 (paper: 1e-6 on summed losses). bench/featloss_ablation.py, 3 seeds:
+    # at 0.05 fixed weighting lost 3.5 +- 0.5 points against the same network without feature losses, at
+    # 0.005 it is level with it (0.0 +- 1.4), and the validation split ranks the two the same way.
+    lambda_f2: float = 0.005  # L_F2 weight at epoch 0 (paper: 1e-6)
+    lambda_b: float = 0.005  # base weight of the two feature losses of Eq. 9 (paper: 1e-6)
     rho: float = 0.9  # per-epoch decay of lambda_f1, lambda_f2, lambda_b (Eq. 6; paper 0.98 over many more epochs)
     gamma: float = 1.2  # amplification of Eq. 10 (paper: 1.2 FER2013, 1.05 others)
     kappa: float = 1e-5  # sparsity coefficient of Eq. 11 (paper: 1e-5)
