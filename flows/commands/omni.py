@@ -23,7 +23,7 @@ def _need_table(uri: str, what: str) -> None:
         raise UserError(f"no finished image table at {uri} ({what}): check the path, or run the stage that makes it")
 
 
-def _pool_table(pool: str, out: str, workers: int | None = None, ray_address: str | None = None) -> str:
+def _pool_table(pool: str, out: str, ray_address: str | None = None) -> str:
     """POOL as an image table: a finished table as is, an MS-Celeb-1M release ingested once.
 
     A release (insightface ``train.rec`` + ``train.idx``, or face.evoLVe ``<identity>/<n>.jpg``
@@ -44,7 +44,7 @@ def _pool_table(pool: str, out: str, workers: int | None = None, ray_address: st
     if is_finished(table):
         return table
     try:
-        ingest_table("ms1m", pool, table, {}, rows_per_shard=1024, workers=workers, ray_address=ray_address,
+        ingest_table("ms1m", pool, table, {}, rows_per_shard=1024, ray_address=ray_address,
                      label="ingest ms1m pool")
     except UserError as e:
         raise UserError(f"POOL {pool} is neither a finished image table nor an MS-Celeb-1M release: {e}") from None
