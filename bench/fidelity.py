@@ -16,6 +16,11 @@ Every section runs the method's declared pipeline (a RunConfig with ``pipeline: 
 flows.round.FLOWS, what `fermine run` runs): each step is a stage, recorded in the run folder's ledger
 (`fermine status RUN` lists them) and reused by a rerun.
 
+Each (section, seed) is a job (bench/jobs.py): a child process with its own Prefect server, Ray instance
+and torch threads, ``--jobs`` at once (default one per core), each with cores / jobs threads, longest first;
+its output goes to ``<out>/logs/<section>-s<seed>.log`` and its figures to ``<out>/jobs/``. The numbers
+depend on the threads a job gets (CPU reductions), so the same --jobs on the same machine repeats them.
+
 Each comparison reports mean +- std over seeds and the paired (same seed) difference to its reference
 with its standard error; a claim "holds" when the paired difference is above 2 standard errors in the
 paper's direction. Every run folder is kept under --out: a rerun reuses finished stages (resume).
@@ -32,10 +37,13 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from jobs import Job, run_parallel, write_figures  # noqa: E402
 
 PASM_MODELS = ("teacher", "pasm-r1", "pasm-r2", "pasm-r3", "random-erasing", "adversarial-erasing",
                "pasm-no-teacher", "pasm-no-erasing")
@@ -117,19 +125,19 @@ def report_timing_and_json(seeds: list[int], seconds: dict[str, float], started:
     return total
 
 
-# ---- the sections -------------------------------------------------------------------------------
-def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+# ---- the sections: one job per seed (config -> pipeline -> figures), then the rows over seeds ----------
+def pasm_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """One round run's figures: every model's metrics per test set and the distill stage's held-out scores."""
     from storage.artifact import Artifact
 
-    metrics: dict[int, dict[str, Any]] = {}
-    distill: dict[int, dict[str, Any]] = {}
-    for s in seeds:
-        t = time.time()
-        summary = _run_pipeline(round_config(os.path.join(out, f"round-s{s}"), s, quick))
-        metrics[s] = summary["metrics"]
-        if "distill" in summary["artifacts"]:
-            distill[s] = Artifact(summary["artifacts"]["distill"]).manifest.extra.get("holdout", {})
-        log(f"round seed {s}: {time.time() - t:.0f} s")
+    holdout = {}
+    if "distill" in summary["artifacts"]:
+        holdout = Artifact(summary["artifacts"]["distill"]).manifest.extra.get("holdout", {})
+    return {"metrics": summary["metrics"], "distill": holdout}
+
+
+def pasm_rows(per_seed: dict[int, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    metrics = {s: per_seed[s]["metrics"] for s in seeds}
     models = [m for m in PASM_MODELS + OMNI_MODELS[1:] if all(m in metrics[s] for s in seeds)]
     rows = []
     for ts in TEST_SETS:
@@ -145,12 +153,12 @@ def pasm_and_omni(out: str, seeds: list[int], quick: bool, log: Callable[[str], 
             for ref in ("random-erasing", "adversarial-erasing"):
                 rows.append({"paper": "pasm", "model": "pasm-no-teacher", "test": ts, "reference": ref,
                              **compare(acc, "pasm-no-teacher", ref)})
-    dist = {"distilled": [distill.get(s, {}).get("distilled_acc") for s in seeds],
-            "random-real": [distill.get(s, {}).get("random_real_acc") for s in seeds]}
+    dist = {"distilled": [per_seed[s]["distill"].get("distilled_acc") for s in seeds],
+            "random-real": [per_seed[s]["distill"].get("random_real_acc") for s in seeds]}
     if all(v is not None for v in dist["distilled"] + dist["random-real"]):
         rows.append({"paper": "omni", "model": "distilled", "test": "holdout", "reference": "random-real",
                      **compare(dist, "distilled", "random-real")})
-    return {"rows": rows}
+    return rows
 
 
 def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
@@ -166,9 +174,14 @@ def _noises(quick: bool) -> list[float]:
     return [0.3] if quick else [0.0, 0.1, 0.2, 0.3]
 
 
+# PT's schedule here: the paper's own (6 epochs, lr x0.1 after 3) in place of SYNTHETIC_RECIPE's 10 epochs
+# (x0.1 after 5), which needs about 80 of the bench's core-minutes for PT alone (README, Results).
+PT_SCHEDULE: dict[str, Any] = {"epochs": 6, "lr_milestones": [3]}
+
+
 def pt_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
     """The Progressive Teacher run of one seed: the pt pipeline on the synthetic data with flows.pt's
-    SYNTHETIC_RECIPE and its pretrained backbone (pretrained in the run folder, with this seed).
+    SYNTHETIC_RECIPE but PT_SCHEDULE, and its pretrained backbone (pretrained in the run folder, with this seed).
 
     The test set ("big_test" in the rows): ``synthetic_options`` {test_per_class: 300}, so the run's own
     test split is the large test set (2100 faces of people not in training) that this section used to
@@ -178,33 +191,37 @@ def pt_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
     step after 1), 30% noise only, the default 50 test faces per class; its figures are not the
     measurement.
     """
+    schedule = {"epochs": 2, "lr_milestones": [1]} if quick else PT_SCHEDULE
     return {"name": f"fidelity-pt-s{seed}", "out": out, "seed": seed, "pipeline": "pt", "report": False,
             "pt": {"noise_rates": _noises(quick), "compare": True,
                    "synthetic_options": {"test_per_class": 50 if quick else 300},
-                   "config": {"seed": seed, **({"epochs": 2, "lr_milestones": [1]} if quick else {})}}}
+                   "config": {"seed": seed, **schedule}}}
 
 
 # flows.pt's model names -> the bench's (bench/paper_figures.py resolves these).
 PT_MODELS = {"Fine-tune (baseline)": "finetune", "Mean Teacher": "mean_teacher", "PT": "pt"}
 
 
-def progressive_teacher(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    res: dict[tuple[str, float], list[float]] = {}
+def pt_figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pt run's figures: each model's test accuracy at each noise rate."""
+    return [{"model": PT_MODELS[r["method"]], "noise": round(float(r["noise"]), 4), "accuracy": r["accuracy"]}
+            for r in summary["rows"]]
+
+
+def pt_rows(per_seed: dict[int, list[dict[str, Any]]], seeds: list[int]) -> list[dict[str, Any]]:
+    res: dict[tuple[str, float], dict[int, float]] = {}
     for s in seeds:
-        t = time.time()
-        summary = _run_pipeline(pt_config(os.path.join(out, "pt", f"seed-{s}"), s, quick))
-        for r in summary["rows"]:
-            res.setdefault((PT_MODELS[r["method"]], round(float(r["noise"]), 4)), []).append(r["accuracy"])
-        log(f"PT seed {s}: {time.time() - t:.0f} s")
+        for r in per_seed[s]:
+            res.setdefault((r["model"], r["noise"]), {})[s] = r["accuracy"]
     rows = []
-    for n in _noises(quick):
-        acc = {m: res[(m, n)] for m in PT_MODELS.values()}
+    for n in sorted({n for _, n in res}):
+        acc = {m: [res[(m, n)][s] for s in seeds] for m in PT_MODELS.values()}
         for m in acc:
             rows.append({"paper": "pt", "model": m, "test": f"big_test, {n:.0%} noise", "reference": "finetune",
                          **compare(acc, m, "finetune")})
         rows.append({"paper": "pt", "model": "pt", "test": f"big_test, {n:.0%} noise", "reference": "mean_teacher",
                      **compare(acc, "pt", "mean_teacher")})
-    return {"rows": rows}
+    return rows
 
 
 def caf_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
@@ -216,25 +233,23 @@ def caf_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
                     "config": {"seed": seed, **({"epochs": 3, "lr_step": 20} if quick else {})}}}
 
 
-def caf(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """CAF's Table 1/4 comparison: the critic-free baseline vs CAF, one caf pipeline run per seed."""
+def caf_figures(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """One caf run's figures: the critic-free baseline's and CAF's valence/arousal metrics."""
+    return {key: summary["rows"][key] for key in ("baseline", "caf")}
+
+
+def caf_rows(per_seed: dict[int, dict[str, dict[str, float]]], seeds: list[int]) -> list[dict[str, Any]]:
+    """CAF's Table 1/4 comparison: the critic-free baseline vs CAF."""
     from tasks.caf.va_metrics import VA_METRICS
 
-    per_seed: dict[str, list[dict[str, Any]]] = {"baseline": [], "caf": []}
-    for s in seeds:
-        t = time.time()
-        summary = _run_pipeline(caf_config(os.path.join(out, "caf", f"seed-{s}"), s, quick))
-        for key in per_seed:
-            per_seed[key].append(summary["rows"][key])
-        log(f"CAF seed {s}: {time.time() - t:.0f} s")
     rows = []
     for metric in VA_METRICS:
-        vals = {name: [m[metric] for m in per_seed[key]] for name, key in
+        vals = {name: [per_seed[s][key][metric] for s in seeds] for name, key in
                 (("critic-free", "baseline"), ("caf", "caf"))}
         for name in vals:
             rows.append({"paper": "caf", "model": name, "test": metric, "reference": "critic-free",
                          **compare(vals, name, "critic-free")})
-    return {"rows": rows}
+    return rows
 
 
 def featloss_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
@@ -248,23 +263,41 @@ def featloss_config(out: str, seed: int, quick: bool) -> dict[str, Any]:
                          "config": {"seed": seed, **({"epochs": 2} if quick else {})}}}
 
 
-def featloss(out: str, seeds: list[int], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """The feature-loss comparison (none vs fixed vs adaptive weights), one featloss pipeline run per seed."""
-    vals: dict[str, list[float]] = {}
-    for s in seeds:
-        t = time.time()
-        summary = _run_pipeline(featloss_config(os.path.join(out, "featloss", f"seed-{s}"), s, quick))
-        for v, m in summary["metrics"].items():  # the variants in the config's order
-            vals.setdefault(v, []).append(m["test (5-crop + mirror vote)"]["accuracy"])
-        log(f"feature losses seed {s}: {time.time() - t:.0f} s")
+def featloss_figures(summary: dict[str, Any]) -> dict[str, float]:
+    """One featloss run's figures: each variant's test accuracy (5-crop + mirror vote), in the config's order."""
+    return {v: m["test (5-crop + mirror vote)"]["accuracy"] for v, m in summary["metrics"].items()}
+
+
+def featloss_rows(per_seed: dict[int, dict[str, float]], seeds: list[int]) -> list[dict[str, Any]]:
+    """The feature-loss comparison: none vs fixed vs adaptive weights."""
+    vals = {v: [per_seed[s][v] for s in seeds] for v in per_seed[seeds[0]]}
     rows = [{"paper": "featloss", "model": v, "test": "test accuracy", "reference": "none",
              **compare(vals, v, "none")} for v in vals]
     rows += [{"paper": "featloss", "model": "adaptive", "test": "test accuracy", "reference": "fixed",
               **compare(vals, "adaptive", "fixed")}] if {"adaptive", "fixed"} <= set(vals) else []
-    return {"rows": rows}
+    return rows
 
 
-SECTIONS = {"pasm": pasm_and_omni, "pt": progressive_teacher, "caf": caf, "featloss": featloss}
+@dataclass(frozen=True)
+class Section:
+    """One paper's comparison: the run config of a seed (in its folder under --out), the figures taken from
+    that run's summary (JSON, what a job hands back), and the table rows over every seed's figures."""
+
+    folder: Callable[[int], str]
+    config: Callable[[str, int, bool], dict[str, Any]]
+    figures: Callable[[dict[str, Any]], Any]
+    rows: Callable[[dict[int, Any], list[int]], list[dict[str, Any]]]
+    minutes: float  # about one seed's job on one core here (measured); orders the jobs, longest first
+
+
+# Run folders are those of earlier releases (a rerun with --out of one reuses its finished stages).
+SECTIONS: dict[str, Section] = {
+    "pasm": Section(lambda s: f"round-s{s}", round_config, pasm_figures, pasm_rows, 14),
+    "pt": Section(lambda s: os.path.join("pt", f"seed-{s}"), pt_config, pt_figures, pt_rows, 20),
+    "caf": Section(lambda s: os.path.join("caf", f"seed-{s}"), caf_config, caf_figures, caf_rows, 1.5),
+    "featloss": Section(lambda s: os.path.join("featloss", f"seed-{s}"), featloss_config, featloss_figures,
+                        featloss_rows, 3.5),
+}
 
 # Which way each comparison should go (+1: the row above its reference; RMSE: lower is better).
 LOWER_IS_BETTER = ("rmse",)
@@ -309,6 +342,29 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_job(section: str, seed: int, out: str, quick: bool, threads: int) -> Any:
+    """One seed of one section, in this process with ``threads`` CPU threads; returns its figures."""
+    import torch
+
+    from flows.config import RaySection
+
+    torch.set_num_threads(threads)
+    sec = SECTIONS[section]
+    config = sec.config(os.path.join(out, sec.folder(seed)), seed, quick)
+    # A round's local Ray instance gets this job's share of the machine: its stages take 1 CPU each, and
+    # no more actors per sharded stage than it has CPUs (the shards, not the actors, fix the results).
+    ray = config.setdefault("ray", {})
+    ray.setdefault("num_cpus", threads)
+    ray.setdefault("workers", min(RaySection().workers, threads))
+    return sec.figures(_run_pipeline(config))
+
+
+def section_jobs(names: list[str], seeds: list[int], out: str, quick: bool) -> list[Job]:
+    """One child process per (section, seed): this script with ``--job SECTION:SEED`` (run_job)."""
+    return [Job(f"{n}-s{s}", [os.path.abspath(__file__), "--out", out, "--job", f"{n}:{s}"] + (["--quick"] if quick else []),
+                minutes=SECTIONS[n].minutes) for n in names for s in seeds]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/fidelity", help="work folder; finished runs in it are reused")
@@ -316,16 +372,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: smaller data, fewer rounds, epochs and noise levels, 2 seeds (< 10 min)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="(section, seed) jobs at once, each with cores / jobs threads (default: one per core)")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--markdown", help="write the table as Markdown here too (the README's results table)")
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # SECTION:SEED: one job (what run_jobs starts)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--figures", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from flows.runtime_env import apply_defaults
 
     apply_defaults()
+    if args.job:
+        section, seed = args.job.split(":")
+        figs = run_job(section, int(seed), args.out, args.quick, args.threads)
+        write_figures(args.figures, figs)
+        return {"figures": figs}
     if args.seeds is None:
         args.seeds = [0, 1] if args.quick else [0, 1, 2]
     if len(args.seeds) < 2:
         ap.error("a paired difference needs at least 2 seeds")
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = sorted(set(only) - set(SECTIONS))
     if bad:
@@ -335,19 +403,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
-    rows: list[dict[str, Any]] = []
-    seconds: dict[str, float] = {}
-    for name in only:
-        t = time.time()
-        rows += SECTIONS[name](args.out, args.seeds, args.quick, log)["rows"]
-        seconds[name] = round(time.time() - t, 1)
+    jobs = min(args.jobs, len(only) * len(args.seeds))
+    per_job, job_seconds = run_parallel(section_jobs(only, args.seeds, args.out, args.quick), args.out, jobs, log)
+    figures = {n: {s: per_job[f"{n}-s{s}"] for s in args.seeds} for n in only}
+    seconds = {n: round(sum(job_seconds[f"{n}-s{s}"] for s in args.seeds), 1) for n in only}
+    rows = [r for name in only for r in SECTIONS[name].rows(figures[name], args.seeds)]
     for r in rows:
         r["holds"] = _holds(r, _direction(r))
         r["paper_figure"] = _paper_value(r) or None
     print_table(rows)
-    result = {"seeds": args.seeds, "quick": args.quick, "rows": rows, "seconds": seconds,
+    result = {"seeds": args.seeds, "quick": args.quick, "jobs": jobs, "rows": rows, "seconds": seconds,
               "total_seconds": round(time.time() - t0, 1)}
-    print(f"total {result['total_seconds'] / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()))
+    print(f"total {result['total_seconds'] / 60:.1f} min, {jobs} jobs at once; each section's jobs: "
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + " min")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
