@@ -175,7 +175,7 @@ def _noises(quick: bool) -> list[float]:
 
 
 # PT's schedule here: the paper's own (6 epochs, lr x0.1 after 3) in place of SYNTHETIC_RECIPE's 10 epochs
-# (x0.1 after 5), which needs about 80 of the bench's core-minutes for PT alone (README, Results).
+# (x0.1 after 5): PT's jobs took 61 of the bench's 127 job-minutes at 6 epochs, about 100 at 10 (README).
 PT_SCHEDULE: dict[str, Any] = {"epochs": 6, "lr_milestones": [3]}
 
 
@@ -294,9 +294,9 @@ class Section:
 SECTIONS: dict[str, Section] = {
     "pasm": Section(lambda s: f"round-s{s}", round_config, pasm_figures, pasm_rows, 14),
     "pt": Section(lambda s: os.path.join("pt", f"seed-{s}"), pt_config, pt_figures, pt_rows, 20),
-    "caf": Section(lambda s: os.path.join("caf", f"seed-{s}"), caf_config, caf_figures, caf_rows, 1.5),
+    "caf": Section(lambda s: os.path.join("caf", f"seed-{s}"), caf_config, caf_figures, caf_rows, 2.3),
     "featloss": Section(lambda s: os.path.join("featloss", f"seed-{s}"), featloss_config, featloss_figures,
-                        featloss_rows, 3.5),
+                        featloss_rows, 5),
 }
 
 # Which way each comparison should go (+1: the row above its reference; RMSE: lower is better).

@@ -36,9 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity import PT_MODELS, SECTIONS, _holds, _run_pipeline, compare, pt_config, report_timing_and_json  # noqa: E402
 from jobs import Job, run_parallel, write_figures  # noqa: E402
 
+from flows.pt import SYNTHETIC_RECIPE  # noqa: E402
+
 NOISE = 0.3
 # A recipe's three models (fine-tune, Mean Teacher, PT: one run with ``compare``), named <model><suffix>.
-RECIPES: dict[str, dict[str, Any]] = {"": {}, "-10ep": {"epochs": 10, "lr_milestones": [5]}}
+RECIPES: dict[str, dict[str, Any]] = {"": {}, "-10ep": {"epochs": SYNTHETIC_RECIPE["epochs"],
+                                                "lr_milestones": list(SYNTHETIC_RECIPE["lr_milestones"])}}
 # PT alone at fidelity's schedule with these PTConfig overrides.
 VARIANTS: dict[str, dict[str, Any]] = {
     "pt-no-consistency": {"consistency_max": 0.0},
