@@ -37,14 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity import PT_MODELS, SECTIONS, _holds, _run_pipeline, compare, pt_config, report_timing_and_json  # noqa: E402
 from jobs import Job, run_parallel, write_figures  # noqa: E402
 
-from flows.pt import SYNTHETIC_RECIPE  # noqa: E402
-
 NOISE = 0.3
 # A recipe's three models (fine-tune, Mean Teacher, PT: one run with ``compare``), named <model><suffix>.
 # "": the paper's schedule (6 epochs, lr x0.1 after 3); "-10ep": SYNTHETIC_RECIPE's, fidelity's rows.
 PAPER_SCHEDULE: dict[str, Any] = {"epochs": 6, "lr_milestones": [3]}
-RECIPES: dict[str, dict[str, Any]] = {"": PAPER_SCHEDULE, "-10ep": {"epochs": SYNTHETIC_RECIPE["epochs"],
-                                                           "lr_milestones": list(SYNTHETIC_RECIPE["lr_milestones"])}}
+RECIPES: dict[str, dict[str, Any]] = {"": PAPER_SCHEDULE, "-10ep": {}}
 # PT alone at the paper's schedule with these PTConfig overrides.
 VARIANTS: dict[str, dict[str, Any]] = {
     "pt-turn80": {**PAPER_SCHEDULE, "turn_iters": 80},
